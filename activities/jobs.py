@@ -1,0 +1,152 @@
+"""Activities of ``JobWorkflow``: each calls a controller and/or the database, and is
+idempotent, since Temporal may run any of them again after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+from typing import Any
+
+from temporalio import activity
+
+from controllers.base import ExternalAccount, JobContext, LaunchRequest
+from controllers.registry import Controllers
+from db import accounts
+from db import jobs as job_rows
+from db.queries import workspace_location
+from workflows.models import (
+    ConnectionInput,
+    ConnectionResult,
+    FinalizeInput,
+    JobInput,
+    JobStatusUpdate,
+    LaunchInput,
+    PrepareResult,
+    StopJobInput,
+    WatchInput,
+    WatchResult,
+)
+
+# How often a long watch tells Temporal it is alive; the heartbeat timeout is 30 s.
+_HEARTBEAT_SECONDS = 10.0
+
+
+def job_dir(workspace_path: str, job_id: int) -> str:
+    """Job files live inside the workspace, in a dot-directory scans do not list."""
+    return os.path.join(workspace_path, ".jobs", str(job_id))
+
+
+class JobActivities:
+    def __init__(self, controllers: Controllers) -> None:
+        self._c = controllers
+
+    async def _account(self, user_id: int, resource_name: str) -> ExternalAccount:
+        auth_name = self._c.config.available_resources[resource_name].user_authentication
+        account = await accounts.external_account(user_id, auth_name)
+        if account is None:
+            info = await accounts.user_info(user_id)
+            if info is None:
+                raise RuntimeError(f"user {user_id} is gone")
+            account = await self._c.auth[auth_name].ensure_external_account(info)
+            await accounts.save_external_account(user_id, auth_name, account)
+        return account
+
+    @activity.defn(name="prepare_job")
+    async def prepare_job(self, inp: JobInput) -> PrepareResult:
+        location = await workspace_location(inp.workspace_id)
+        if location is None or not location["file_path"]:
+            raise RuntimeError(f"workspace {inp.workspace_id} has no directory")
+        workdir = job_dir(location["file_path"], inp.job_id)
+        resource = self._c.resources[inp.resource_name]
+        account = await self._account(inp.user_id, inp.resource_name)
+        await asyncio.to_thread(_make_job_dir, workdir, account)
+        job_type = self._c.job_types[inp.job_type]
+        ctx = JobContext(
+            job_id=inp.job_id, workdir=workdir, resource_name=inp.resource_name,
+            passthrough_domain=resource.passthrough_domain,
+            resource_options=inp.resource_options,
+            job_details={**inp.job_details, "workspace_path": location["file_path"]},
+        )
+        return PrepareResult(workdir=workdir, script=job_type.script(ctx),
+                             interactive=job_type.interactive,
+                             env={"UWS_WORKSPACE_DIR": location["file_path"]})
+
+    @activity.defn(name="launch_job")
+    async def launch_job(self, inp: LaunchInput) -> dict[str, Any]:
+        resource = self._c.resources[inp.resource_name]
+        account = await self._account(inp.user_id, inp.resource_name)
+        return await resource.launch(LaunchRequest(
+            job_id=inp.job_id, script=inp.script, workdir=inp.workdir, account=account,
+            resource_options=inp.resource_options, env=inp.env,
+            time_limit_min=inp.time_limit_min,
+        ))
+
+    @activity.defn(name="watch_job")
+    async def watch_job(self, inp: WatchInput) -> WatchResult:
+        """The job's state as soon as it differs from ``known_status`` or the timeout ends.
+        Heartbeats while it waits, so a dead worker is noticed and the watch moves on."""
+        resource = self._c.resources[inp.resource_name]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + inp.timeout_seconds
+        while True:
+            state = await resource.poll(inp.handle)
+            remaining = deadline - loop.time()
+            if state.status != inp.known_status or remaining <= 0:
+                break
+            if state.status in ("complete", "failed"):
+                break
+            activity.heartbeat()
+            state = await resource.wait(inp.handle, min(remaining, _HEARTBEAT_SECONDS))
+            if state.status != inp.known_status:
+                break
+        return WatchResult(status=state.status, detail=state.detail, exit_code=state.exit_code,
+                           core_hours=state.core_hours, hostname=state.hostname)
+
+    @activity.defn(name="stop_job")
+    async def stop_job(self, inp: StopJobInput) -> None:
+        await self._c.resources[inp.resource_name].stop(inp.handle, inp.grace_seconds)
+
+    @activity.defn(name="job_connection")
+    async def job_connection(self, inp: ConnectionInput) -> ConnectionResult:
+        job_type = self._c.job_types[inp.job_type]
+        resource = self._c.resources[inp.resource_name]
+        ctx = JobContext(job_id=inp.job_id, workdir=inp.workdir, resource_name=inp.resource_name,
+                         passthrough_domain=resource.passthrough_domain,
+                         job_details=inp.job_details)
+        found = await job_type.connection(ctx, inp.hostname)
+        if found is None:
+            return ConnectionResult(ready=False)
+        return ConnectionResult(ready=True, current_job_details=found.model_dump())
+
+    @activity.defn(name="record_job_status")
+    async def record_job_status(self, update: JobStatusUpdate) -> bool:
+        return await job_rows.record_status(
+            update.job_id, update.status, resource_job_id=update.resource_job_id,
+            set_start=update.set_start, current_job_details=update.current_job_details,
+            event=update.event,
+        )
+
+    @activity.defn(name="finalize_job")
+    async def finalize_job(self, inp: FinalizeInput) -> None:
+        await job_rows.finalize(inp.job_id, inp.status, inp.core_hours, inp.detail)
+
+    def all(self) -> list:
+        return [self.prepare_job, self.launch_job, self.watch_job, self.stop_job,
+                self.job_connection, self.record_job_status, self.finalize_job]
+
+
+def _make_job_dir(workdir: str, account: ExternalAccount) -> None:
+    """Create ``.jobs/<id>`` inside the workspace without following links: a symlink
+    planted there by a job must not make the worker create or chown anything outside."""
+    chown = account.uid is not None and account.uid != os.geteuid() and os.geteuid() == 0
+    for path in (os.path.dirname(workdir), workdir):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            raise RuntimeError(f"{path} is not a directory")
+        if chown:
+            os.chown(path, account.uid, account.gid if account.gid is not None else -1,
+                     follow_symlinks=False)

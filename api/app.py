@@ -1,0 +1,77 @@
+"""The Litestar application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from temporalio.client import Client
+
+from api.auth import authenticate
+from api.errors import exception_handlers
+from api.routes.catalogue import CatalogueRoutes
+from api.routes.jobs import JobRoutes
+from api.routes.tokens import TokenRoutes
+from api.routes.users import UserRoutes
+from api.routes.workspaces import WorkspaceRoutes
+from api.slashes import AppendSlash
+from api.state import AppState
+from api.tokens_cache import TokenCache
+from controllers.registry import Controllers, build_controllers
+from core.config import load_config
+from core.settings import Settings, get_settings
+from core.temporal import connect
+from db.engine import close_engine, open_engine
+
+log = logging.getLogger("uws.api")
+
+
+def load_controllers(settings: Settings) -> Controllers:
+    """Read and validate ``config.toml`` and build every plugin (fails before serving)."""
+    config = load_config(settings.config)
+    return build_controllers(config, file=str(settings.config), data_dir=Path(settings.data_dir))
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    controllers: Controllers | None = None,
+    temporal: Client | None = None,
+) -> AppendSlash:
+    """The ASGI app: Litestar behind the trailing-slash redirect (``.app`` is Litestar)."""
+    settings = settings or get_settings()
+    controllers = controllers or load_controllers(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if not settings.database_url:
+            raise RuntimeError("UWS_DATABASE_URL is not set (`uws api` sets it for you)")
+        engine = await open_engine(settings.database_url)
+        client = temporal or await connect(settings)
+        app.state.uws = AppState(
+            settings=settings, controllers=controllers, temporal=client,
+            token_cache=TokenCache(ttl_seconds=settings.token_cache_seconds),
+        )
+        try:
+            yield
+        finally:
+            await close_engine(engine)
+
+    return AppendSlash(Litestar(
+        route_handlers=[TokenRoutes, WorkspaceRoutes, JobRoutes, CatalogueRoutes, UserRoutes],
+        guards=[authenticate],
+        exception_handlers=exception_handlers(),
+        lifespan=[lifespan],
+        request_max_body_size=settings.max_json_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="User Workspaces Server",
+            version="1.0.5",
+            description="Workspaces, interactive sessions and batch jobs as durable "
+                        "Temporal workflows. Authenticate with `UWS-Authorization: Token <key>`.",
+        ),
+        debug=False,
+    ))

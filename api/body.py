@@ -1,0 +1,34 @@
+"""Reading request bodies the way the contract words its errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from litestar import Request
+
+from api.errors import BadRequest
+
+
+async def json_body(request: Request[Any, Any, Any]) -> Any:
+    """The parsed JSON body, or ``None`` for an empty one."""
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"Invalid JSON: {exc}") from None
+
+
+async def json_object(request: Request[Any, Any, Any], *, empty_message: str) -> dict[str, Any]:
+    """A body that must be a non-empty JSON object."""
+    body = await json_body(request)
+    if not isinstance(body, dict) or not body:
+        raise BadRequest(empty_message)
+    return body
+
+
+def query_filters(request: Request[Any, Any, Any], allowed: tuple[str, ...]) -> dict[str, str]:
+    """The known filter parameters present in the query string (unknown ones ignored)."""
+    return {k: v for k, v in request.query_params.items() if k in allowed}

@@ -1,0 +1,142 @@
+"""``/jobs/``: list, get, stop, extend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get, put
+from temporalio.client import WorkflowUpdateFailedError
+
+from api.auth import AuthUser, current_user, require_user
+from api.body import json_body, query_filters
+from api.errors import BadRequest, NotFound
+from api.ids import parse_id
+from api.serializers import job_json
+from api.state import app_state
+from db import jobs as job_rows
+from db.tables import Job
+from workflows.job import JobWorkflow
+from workflows.models import ExtendRequest, StopRequest, job_workflow_id
+
+_FILTERS = ("workspace_id", "resource_job_id", "job_type", "status")
+_DEFAULT_MAX_MINUTES = 480
+
+
+def _not_found(job_id: Any) -> NotFound:
+    return NotFound(f"Job {job_id} not found for user.")
+
+
+def _listing(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    jobs = [job_json(r) for r in rows]
+    message = "Successful." if jobs else "Job matching given parameters could not be found."
+    return {"success": True, "message": message, "data": {"jobs": jobs}}
+
+
+def _filtered(request: Request[Any, Any, Any], user: AuthUser, job_id: int | None = None):  # noqa: ANN202
+    query = Job.select().where(Job.user == user.id)
+    if job_id is not None:
+        query = query.where(Job.id == job_id)
+    for key, value in query_filters(request, _FILTERS).items():
+        if key in ("workspace_id", "resource_job_id"):
+            number = int(value) if value.lstrip("-").isdigit() else None
+            if number is None or abs(number) > 2**63 - 1:
+                return None
+            column = Job.workspace if key == "workspace_id" else Job.resource_job_id
+            query = query.where(column == number)
+        else:
+            query = query.where(getattr(Job, key) == value)
+    return query.order_by(Job.id)
+
+
+async def _owned(user: AuthUser, raw_id: str) -> dict[str, Any]:
+    job_id = parse_id(raw_id)
+    row = None
+    if job_id is not None:
+        row = await Job.select().where((Job.id == job_id) & (Job.user == user.id)).first()
+    if row is None:
+        raise _not_found(raw_id)
+    return row
+
+
+class JobRoutes(Controller):
+    path = "/jobs"
+    tags = ["jobs"]
+    guards = [require_user]
+
+    @get("/", operation_id="listJobs")
+    async def list_jobs(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """The caller's jobs, filtered by ``workspace_id``, ``resource_job_id``,
+        ``job_type``, ``status``."""
+        query = _filtered(request, current_user(request))
+        return _listing(await query if query is not None else [])
+
+    @get("/{job_id:str}/", operation_id="getJob")
+    async def get_job(self, request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+        """One of the caller's jobs, in the listing's shape."""
+        jid = parse_id(job_id)
+        query = _filtered(request, current_user(request), jid) if jid is not None else None
+        return _listing(await query if query is not None else [])
+
+    @put("/{job_id:str}/{put_type:str}/", operation_id="jobAction")
+    async def action(
+        self, request: Request[Any, Any, Any], job_id: str, put_type: str
+    ) -> dict[str, Any]:
+        """``stop`` ends the job; ``extend`` (``{"minutes": n}``) gives it more time."""
+        user = current_user(request)
+        row = await _owned(user, job_id)
+        if put_type == "stop":
+            return await _stop(request, row)
+        if put_type == "extend":
+            return await _extend(request, row)
+        raise BadRequest("Invalid PUT type passed.")
+
+
+async def _stop(request: Request[Any, Any, Any], row: dict[str, Any]) -> dict[str, Any]:
+    state = app_state(request)
+    if row["status"] not in ("pending", "running"):
+        raise BadRequest("This job is not running or pending.")
+    handle = state.temporal.get_workflow_handle(job_workflow_id(row["id"]))
+    if row["resource_job_id"] == -1:
+        # Never reached the resource: it ends here; the workflow is told so that a launch
+        # in flight is stopped rather than left running.
+        await job_rows.finalize(row["id"], "complete", 0.0, "Stopped before it started.")
+        await _signal_stop(handle)
+        return {"success": True, "message": "Successful stop."}
+    if not await job_rows.record_status(row["id"], "stopping", event="stop requested"):
+        raise BadRequest("This job is not running or pending.")
+    await _signal_stop(handle)
+    return {"success": True, "message": "Job queued to stop."}
+
+
+async def _signal_stop(handle: Any) -> None:
+    from temporalio.service import RPCError, RPCStatusCode
+
+    try:
+        await handle.signal(JobWorkflow.request_stop, StopRequest(reason="Stopped by user."))
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+
+
+async def _extend(request: Request[Any, Any, Any], row: dict[str, Any]) -> dict[str, Any]:
+    state = app_state(request)
+    body = await json_body(request)
+    minutes = body.get("minutes") if isinstance(body, dict) else None
+    if not isinstance(minutes, int) or isinstance(minutes, bool) or minutes < 1:
+        raise BadRequest("'minutes' must be a positive integer.")
+    if row["status"] not in ("pending", "running"):
+        raise BadRequest("This job is not running or pending.")
+    param = state.controllers.config.parameter("time_limit_min")
+    max_total = int(param.validation.max) if param and param.validation.max else \
+        _DEFAULT_MAX_MINUTES
+    handle = state.temporal.get_workflow_handle(job_workflow_id(row["id"]))
+    try:
+        result = await handle.execute_update(
+            JobWorkflow.extend_time_limit,
+            ExtendRequest(minutes=minutes, max_total_minutes=max_total),
+        )
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        raise BadRequest(getattr(cause, "message", None) or str(cause)) from None
+    return {"success": True, "message": "Time limit extended.",
+            "data": {"time_limit_min": result.time_limit_min}}

@@ -1,0 +1,31 @@
+"""``POST /tokens/``: a user's API key, through the configured api auth method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, post
+
+from api.body import json_body
+from api.state import app_state
+from db import accounts
+
+
+class TokenRoutes(Controller):
+    path = "/tokens"
+    tags = ["tokens"]
+
+    @post("/", status_code=200, operation_id="createUserToken")
+    async def create_token(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Authenticate a user through the configured method and return their API key.
+
+        The user and their external account exist before this answers, so the first request
+        made with the key never races their creation."""
+        body = await json_body(request)
+        auth = app_state(request).controllers.api_auth
+        info = await auth.identify(body if isinstance(body, dict) else {}, accounts.is_api_client)
+        account = await auth.ensure_external_account(info)
+        user_id = await accounts.upsert_user(info)
+        await accounts.save_external_account(user_id, auth.name, account)
+        key = await accounts.token_for(user_id)
+        return {"success": True, "message": "Successful authentication.", "token": key}

@@ -1,0 +1,40 @@
+"""``GET /users/``: find other users to share with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get
+
+from api.auth import current_user, require_user
+from api.serializers import user_json
+from db.tables import User
+from piccolo.columns.combination import WhereRaw
+
+
+class UserRoutes(Controller):
+    path = "/users"
+    tags = ["users"]
+    guards = [require_user]
+
+    @get("/", operation_id="searchUsers")
+    async def search_users(self, request: Request[Any, Any, Any], search: str = "") -> dict[str, Any]:
+        """Users whose first and last name, or e-mail, contain ``search`` (any case); never
+        the caller nor ``admin``."""
+        me = current_user(request)
+        query = User.select(
+            User.id, User.first_name, User.last_name, User.username, User.email
+        ).where((User.id != me.id) & (User.username != "admin") & User.is_active.eq(True))
+        if search:
+            escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            pattern = f"%{escaped}%"
+            query = query.where(WhereRaw(
+                "((first_name || ' ' || last_name) ILIKE {} OR email ILIKE {})", pattern, pattern
+            ))
+        rows = await query.order_by(User.id).limit(500)
+        users = [user_json(r) for r in rows]
+        if users:
+            return {"success": True, "message": "Successful.", "data": {"users": users}}
+        return {"success": True,
+                "message": "Users matching given parameters could not be found.",
+                "data": {"users": []}}

@@ -1,0 +1,337 @@
+"""``/workspaces/``: list, get, create, update, upload, start a job, delete."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from litestar import Controller, Request, delete, get, post, put
+from piccolo.columns.combination import WhereRaw
+
+from api import workflow_ops
+from api.auth import AuthUser, current_user, require_user
+from api.body import json_body, query_filters
+from api.errors import BadRequest, NotFound, ServerError, Unprocessable
+from api.ids import parse_id
+from api.job_start import start_job
+from api.multipart import MultipartReader, boundary_of
+from api.serializers import job_json, workspace_json
+from api.state import AppState, app_state
+from api.workspace_details import parse_workspace_details, request_details
+from controllers.base import ExternalAccount
+from core.parameters import validate_resource_options
+from db import accounts
+from db.queries import as_json, now
+from db.tables import ACTIVE_JOB_STATUSES, Job, SharedWorkspaceMapping, Workspace
+
+_FILTERS = ("name", "description", "status")
+_UNACCEPTED_COPY = WhereRaw(
+    "NOT EXISTS (SELECT 1 FROM uws_shared_workspace_mapping m "
+    "WHERE m.shared_workspace = uws_workspace.id AND NOT m.is_accepted)"
+)
+
+
+def _not_found(workspace_id: Any) -> NotFound:
+    return NotFound(f"Workspace {workspace_id} not found for user.")
+
+
+async def _owned(user: AuthUser, raw_id: str) -> dict[str, Any]:
+    """The caller's workspace row, or the contract's 404 (someone else's id included)."""
+    workspace_id = parse_id(raw_id)
+    row = None
+    if workspace_id is not None:
+        row = await Workspace.select().where(
+            (Workspace.id == workspace_id) & (Workspace.user == user.id)
+        ).first()
+    if row is None:
+        raise _not_found(raw_id)
+    return row
+
+
+async def _is_unaccepted_copy(workspace_id: int) -> bool:
+    return await SharedWorkspaceMapping.exists().where(
+        (SharedWorkspaceMapping.shared_workspace == workspace_id)
+        & SharedWorkspaceMapping.is_accepted.eq(False)
+    )
+
+
+async def _refuse_unaccepted_copy(workspace_id: int) -> None:
+    if await _is_unaccepted_copy(workspace_id):
+        raise BadRequest(
+            f"Workspace {workspace_id} is a shared workspace and has not been accepted."
+        )
+
+
+async def _account_for(state: AppState, user: AuthUser) -> ExternalAccount:
+    """The user's account under the main storage's auth method (created if missing)."""
+    auth_name = state.controllers.config.available_storage[
+        state.controllers.config.main_storage
+    ].user_authentication
+    account = await accounts.external_account(user.id, auth_name)
+    if account is None:
+        info = await accounts.user_info(user.id)
+        if info is None:
+            raise _not_found("?")
+        account = await state.controllers.auth[auth_name].ensure_external_account(info)
+        await accounts.save_external_account(user.id, auth_name, account)
+    return account
+
+
+def _check_job_type(state: AppState, value: Any) -> None:
+    if value not in state.controllers.config.available_job_types:
+        raise BadRequest(f"{value} is not in the list of available job types.")
+
+
+def _listing(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    workspaces = [workspace_json(r) for r in rows]
+    message = "Successful." if workspaces else \
+        "Workspace matching given parameters could not be found."
+    return {"success": True, "message": message, "data": {"workspaces": workspaces}}
+
+
+class WorkspaceRoutes(Controller):
+    path = "/workspaces"
+    tags = ["workspaces"]
+    guards = [require_user]
+
+    @get("/", operation_id="listWorkspaces")
+    async def list_workspaces(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """The caller's workspaces, filtered by ``name``, ``description``, ``status``.
+        Shared copies not yet accepted are not listed."""
+        user = current_user(request)
+        query = Workspace.select().where(Workspace.user == user.id).where(_UNACCEPTED_COPY)
+        for key, value in query_filters(request, _FILTERS).items():
+            query = query.where(getattr(Workspace, key) == value)
+        return _listing(await query.order_by(Workspace.id))
+
+    @get("/{workspace_id:str}/", operation_id="getWorkspace")
+    async def get_workspace(
+        self, request: Request[Any, Any, Any], workspace_id: str
+    ) -> dict[str, Any]:
+        """One of the caller's workspaces, in the same list shape as the listing."""
+        user = current_user(request)
+        wid = parse_id(workspace_id)
+        rows: list[dict[str, Any]] = []
+        if wid is not None:
+            query = Workspace.select().where(
+                (Workspace.id == wid) & (Workspace.user == user.id)
+            ).where(_UNACCEPTED_COPY)
+            for key, value in query_filters(request, _FILTERS).items():
+                query = query.where(getattr(Workspace, key) == value)
+            rows = await query
+        return _listing(rows)
+
+    @post("/", status_code=200, operation_id="createWorkspace")
+    async def create_workspace(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Create a workspace directory with the given files and symlinks.
+
+        A failed create leaves nothing behind: no row, no directory."""
+        state, user = app_state(request), current_user(request)
+        body = await json_body(request)
+        if not isinstance(body, dict) or "name" not in body or "description" not in body:
+            raise BadRequest("Missing required fields.")
+        name, description = body["name"], body["description"]
+        if not isinstance(name, str) or not isinstance(description, str):
+            raise BadRequest("'name' and 'description' must be strings.")
+        if len(name) > 256:
+            raise BadRequest("'name' must be at most 256 characters.")
+        default_job_type = body.get("default_job_type") or None
+        if default_job_type is not None:
+            _check_job_type(state, default_job_type)
+        files, symlinks = parse_workspace_details(body.get("workspace_details"))
+        storage = state.controllers.main_storage
+        await storage.validate_files(files, symlinks)
+        account = await _account_for(state, user)
+
+        row = (await Workspace.insert(Workspace(
+            user=user.id, name=name, description=description,
+            storage_name=storage.name, default_job_type=default_job_type,
+            request_workspace_details=request_details(files, symlinks),
+            current_workspace_details={"files": [], "symlinks": []},
+        )).returning(Workspace.id))[0]
+        workspace_id = row["id"]
+        path = storage.workspace_path(account, workspace_id)
+        try:
+            await Workspace.update({Workspace.file_path: path}).where(
+                Workspace.id == workspace_id
+            )
+            await storage.create_workspace(path, account)
+            await storage.write_files(path, account, files, symlinks)
+        except BaseException:
+            await storage.delete_workspace(path)
+            await Workspace.delete().where(Workspace.id == workspace_id)
+            raise
+        await Workspace.update({Workspace.status: "idle"}).where(Workspace.id == workspace_id)
+        await workflow_ops.request_scan(state.temporal, state.settings.task_queue,
+                                        workspace_id, "created")
+        created = await Workspace.select().where(Workspace.id == workspace_id).first()
+        assert created is not None
+        return {"success": True, "message": "Successful.",
+                "data": {"workspace": workspace_json(created)}}
+
+    @put("/{workspace_id:str}/", operation_id="updateWorkspace")
+    async def update_workspace(
+        self, request: Request[Any, Any, Any], workspace_id: str
+    ) -> dict[str, Any]:
+        """Rename, re-describe, set the default job type, add files and symlinks."""
+        state, user = app_state(request), current_user(request)
+        row = await _owned(user, workspace_id)
+        await _refuse_unaccepted_copy(row["id"])
+        body = await json_body(request)
+        if not isinstance(body, dict) or not body:
+            raise BadRequest("Missing required fields.")
+        changes: dict[Any, Any] = {}
+        for key in ("name", "description"):
+            if key in body:
+                if not isinstance(body[key], str):
+                    raise BadRequest(f"'{key}' must be a string.")
+                changes[getattr(Workspace, key)] = body[key]
+        if "default_job_type" in body:
+            value = body["default_job_type"] or None
+            if value is not None:
+                _check_job_type(state, value)
+            changes[Workspace.default_job_type] = value
+        files, symlinks = parse_workspace_details(body.get("workspace_details"))
+        if row["status"] == "deleting":
+            raise BadRequest(f"Workspace {row['id']} is being deleted.")
+        if files or symlinks:
+            storage = state.controllers.storage.get(row["storage_name"]) or \
+                state.controllers.main_storage
+            await storage.validate_files(files, symlinks)
+            account = await _account_for(state, user)
+            await storage.write_files(row["file_path"], account, files, symlinks)
+            changes[Workspace.request_workspace_details] = request_details(
+                files, symlinks, as_json(row["request_workspace_details"])
+            )
+        changes[Workspace.datetime_last_modified] = now()
+        await Workspace.update(changes).where(Workspace.id == row["id"])
+        if files or symlinks:
+            await workflow_ops.request_scan(state.temporal, state.settings.task_queue,
+                                            row["id"], "updated")
+        return {"success": True, "message": "Update successful."}
+
+    @put("/{workspace_id:str}/upload/", operation_id="uploadToWorkspace",
+         request_max_body_size=None)
+    async def upload(self, request: Request[Any, Any, Any], workspace_id: str) -> dict[str, Any]:
+        """Multipart upload; each file part lands in the workspace root under its filename.
+        Bodies stream to disk; the configured limit answers 413 past it."""
+        state, user = app_state(request), current_user(request)
+        row = await _owned(user, workspace_id)
+        await _refuse_unaccepted_copy(row["id"])
+        if row["status"] == "deleting":
+            raise BadRequest(f"Workspace {row['id']} is being deleted.")
+        limit = state.settings.max_upload_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise _too_large(limit)
+        boundary = boundary_of(request.headers.get("content-type", ""))
+        storage = state.controllers.storage.get(row["storage_name"]) or \
+            state.controllers.main_storage
+        account = await _account_for(state, user)
+        reader = MultipartReader(_limited(request.stream(), limit), boundary)
+        saved = 0
+        async for part in reader.parts():
+            if part.filename is None:
+                await reader.skip()
+                continue
+            await storage.save_upload(row["file_path"], account, part.filename, reader.chunks())
+            saved += 1
+        if not saved:
+            raise BadRequest("No files found in request.")
+        await Workspace.update({Workspace.datetime_last_modified: now()}).where(
+            Workspace.id == row["id"]
+        )
+        await workflow_ops.request_scan(state.temporal, state.settings.task_queue,
+                                        row["id"], "upload")
+        return {"success": True, "message": "Successful upload."}
+
+    @put("/{workspace_id:str}/{put_type:str}/", operation_id="workspaceAction")
+    async def action(
+        self, request: Request[Any, Any, Any], workspace_id: str, put_type: str
+    ) -> dict[str, Any]:
+        """``start`` launches a job in the workspace; any other verb is refused."""
+        user = current_user(request)
+        row = await _owned(user, workspace_id)
+        if put_type != "start":
+            raise BadRequest("Invalid PUT type passed.")
+        return await self._start(request, user, row)
+
+    async def _start(
+        self, request: Request[Any, Any, Any], user: AuthUser, row: dict[str, Any]
+    ) -> dict[str, Any]:
+        state = app_state(request)
+        await _refuse_unaccepted_copy(row["id"])
+        body = await json_body(request)
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise BadRequest("Request body must be a JSON object.")
+        job_type = body.get("job_type") or row["default_job_type"]
+        if not job_type:
+            raise BadRequest("Missing job_type and no default job type set on workspace.")
+        _check_job_type(state, job_type)
+        job_details = body.get("job_details", {})
+        if not isinstance(job_details, dict):
+            raise BadRequest("Job details not JSON.")
+        resource_options = body.get("resource_options", {})
+        if not isinstance(resource_options, dict):
+            raise BadRequest("Resource options not JSON.")
+        errors = validate_resource_options(state.controllers.config.parameters, resource_options)
+        if errors:
+            raise Unprocessable(f"Invalid resource options found: {errors}")
+        if row["status"] in ("deleting", "error", "initializing"):
+            raise BadRequest(f"Workspace {row['id']} is {row['status']} and cannot start jobs.")
+        if not row["file_path"] or not os.path.isdir(row["file_path"]):
+            raise ServerError(
+                "Workspace directory is missing or invalid. Please contact an administrator."
+            )
+        job = await start_job(state, user, row, job_type, job_details, resource_options)
+        return {"success": True, "message": "Successful start.", "data": {"job": job_json(job)}}
+
+    @delete("/{workspace_id:str}/", status_code=200, operation_id="deleteWorkspace")
+    async def delete_workspace(
+        self, request: Request[Any, Any, Any], workspace_id: str
+    ) -> dict[str, Any]:
+        """Queue the workspace for deletion: its directory, then its row."""
+        state, user = app_state(request), current_user(request)
+        row = await _owned(user, workspace_id)
+        wid = row["id"]
+        await _refuse_unaccepted_copy(wid)
+        if await SharedWorkspaceMapping.exists().where(
+            (SharedWorkspaceMapping.original_workspace == wid)
+            & SharedWorkspaceMapping.is_accepted.eq(False)
+        ):
+            raise BadRequest(
+                f"Workspace {wid} has shared workspaces associated with it, that have not yet "
+                "been accepted. Please cancel those shares to delete this workspace."
+            )
+        # One statement decides: no active job may slip in between check and mark.
+        marked = await Workspace.update({Workspace.status: "deleting"}).where(
+            (Workspace.id == wid)
+            & WhereRaw(
+                "NOT EXISTS (SELECT 1 FROM uws_job j WHERE j.workspace = uws_workspace.id "
+                "AND j.status = ANY({}))", list(ACTIVE_JOB_STATUSES)
+            )
+        ).returning(Workspace.id)
+        if not marked:
+            raise BadRequest("Cannot delete workspace, jobs are running for this workspace.")
+        await workflow_ops.start_deletion(state.temporal, state.settings.task_queue, wid)
+        return {"success": True, "message": f"Workspace {wid} queued for deletion."}
+
+
+def _too_large(limit: int) -> Exception:
+    from controllers.errors import PayloadTooLarge
+
+    return PayloadTooLarge(f"Upload exceeds the limit of {limit} bytes.")
+
+
+async def _limited(stream: Any, limit: int) -> Any:
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        yield chunk
+
+
+__all__ = ["Job", "WorkspaceRoutes"]

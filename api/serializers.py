@@ -1,0 +1,55 @@
+"""Rows to the contract's JSON shapes (field names and order as clients expect)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from db.queries import as_json
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def workspace_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "description": row["description"],
+        "disk_space": row["disk_space"],
+        "datetime_created": iso(row["datetime_created"]),
+        "datetime_last_modified": iso(row["datetime_last_modified"]),
+        "datetime_last_job_launch": iso(row["datetime_last_job_launch"]),
+        "workspace_details": {
+            "request_workspace_details": as_json(row["request_workspace_details"]),
+            "current_workspace_details": as_json(row["current_workspace_details"]),
+        },
+        "status": row["status"],
+        "default_job_type": row["default_job_type"],
+    }
+
+
+def job_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "workspace_id": row["workspace"],
+        "resource_job_id": row["resource_job_id"],
+        "job_type": row["job_type"],
+        "status": row["status"],
+        "datetime_created": iso(row["datetime_created"]),
+        "datetime_start": iso(row["datetime_start"]),
+        "datetime_end": iso(row["datetime_end"]),
+        "core_hours": row["core_hours"],
+        "job_details": as_json(row["job_details"]),
+    }
+
+
+def user_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "first_name": row["first_name"],
+        "last_name": row["last_name"],
+        "username": row["username"],
+        "email": row["email"],
+    }

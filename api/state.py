@@ -1,0 +1,25 @@
+"""What every request handler may use, built once per process by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from litestar import Request
+from temporalio.client import Client
+
+from api.tokens_cache import TokenCache
+from controllers.registry import Controllers
+from core.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    controllers: Controllers
+    temporal: Client
+    token_cache: TokenCache = field(default_factory=TokenCache)
+
+
+def app_state(request: Request[Any, Any, Any]) -> AppState:
+    return request.app.state.uws

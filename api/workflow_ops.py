@@ -1,0 +1,39 @@
+"""Starting and signalling the workflows behind API requests."""
+
+from __future__ import annotations
+
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
+
+from workflows.models import (
+    DeleteWorkspaceInput,
+    ScanRequest,
+    ScanWorkspaceInput,
+    delete_workflow_id,
+    scan_workflow_id,
+)
+from workflows.workspace_delete import DeleteWorkspaceWorkflow
+from workflows.workspace_scan import ScanWorkspaceWorkflow
+
+
+async def request_scan(client: Client, task_queue: str, workspace_id: int, reason: str) -> None:
+    """Ask for a rescan; concurrent requests coalesce into the running scan workflow."""
+    await client.start_workflow(
+        ScanWorkspaceWorkflow.run,
+        ScanWorkspaceInput(workspace_id=workspace_id),
+        id=scan_workflow_id(workspace_id),
+        task_queue=task_queue,
+        start_signal="rescan",
+        start_signal_args=[ScanRequest(reason=reason)],
+    )
+
+
+async def start_deletion(client: Client, task_queue: str, workspace_id: int) -> None:
+    """Start the deletion workflow; asking again while it runs is a no-op."""
+    await client.start_workflow(
+        DeleteWorkspaceWorkflow.run,
+        DeleteWorkspaceInput(workspace_id=workspace_id),
+        id=delete_workflow_id(workspace_id),
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )

@@ -1,0 +1,290 @@
+"""The four kinds of plugin and their async contracts.
+
+A plugin is chosen by its short name in ``config.toml`` and built by
+``controllers.registry`` with its own validated ``Settings``. Plugins know nothing of
+HTTP or Temporal: the API and the activities call them. Whatever state a plugin needs to
+find its work again after a restart (a resource's job handle, say) it returns as a JSON-able
+value that the caller keeps and passes back.
+
+Abstract methods are enforced when a subclass is *instantiated*; ``__init_subclass__``
+below makes a missing one fail when the plugin class is defined instead, so a broken plugin
+fails at import, not at the first call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PluginSettings(BaseModel):
+    """Base of every plugin's settings: unknown keys are an error, naming the key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Health(BaseModel):
+    ok: bool
+    detail: str = ""
+
+
+class Plugin(ABC):
+    """Common shape: a configured name, validated settings, a health check."""
+
+    kind: ClassVar[str] = "plugin"
+    Settings: ClassVar[type[PluginSettings]] = PluginSettings
+
+    def __init__(self, name: str, settings: PluginSettings) -> None:
+        self.name = name
+        self.settings = settings
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if inspect.isabstract(cls) or cls.__dict__.get("abstract", False):
+            return
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if missing:
+            raise TypeError(f"{cls.__name__} must implement {', '.join(missing)}")
+
+    async def health(self) -> Health:
+        """Whether the plugin can do its work now (``GET /status/`` shows it)."""
+        return Health(ok=True)
+
+
+# --- authentication -------------------------------------------------------------------
+
+
+class UserInfo(BaseModel):
+    """Who a successful authentication says the user is."""
+
+    username: str
+    email: str
+    first_name: str = ""
+    last_name: str = ""
+
+
+class ExternalAccount(BaseModel):
+    """The account that owns a user's files and runs their jobs (an OS account here)."""
+
+    username: str
+    uid: int | None = None
+    gid: int | None = None
+    home: str | None = None
+
+
+ApiClientCheck = Callable[[str], Awaitable[bool]]
+
+
+class AuthMethod(Plugin):
+    """Turns a ``POST /tokens/`` body into a user and gives that user an external account."""
+
+    kind = "user_authentication"
+
+    @abstractmethod
+    async def identify(self, body: Mapping[str, Any], is_api_client: ApiClientCheck) -> UserInfo:
+        """Return who ``body`` identifies, or raise ``InvalidRequest`` (malformed) or
+        ``AuthenticationFailed``. ``is_api_client(key)`` tells whether a key belongs to a
+        member of the api_clients group, for flows where a trusted client vouches."""
+
+    @abstractmethod
+    async def ensure_external_account(self, user: UserInfo) -> ExternalAccount:
+        """Find (or create, when configured) the account for ``user``. It must exist when
+        this returns: a user's first request never races its account's creation."""
+
+
+# --- storage --------------------------------------------------------------------------
+
+
+class FileSpec(BaseModel):
+    name: str
+    content: str = ""
+
+
+class SymlinkSpec(BaseModel):
+    name: str
+    source_path: str
+
+
+class WorkspaceScan(BaseModel):
+    """What is really on disk: dot-files excluded, names relative with a leading ``/``."""
+
+    disk_space: int
+    files: list[str] = Field(default_factory=list)
+    symlinks: list[str] = Field(default_factory=list)
+
+
+class StorageMethod(Plugin):
+    """Owns workspace directories; every path a client names is confined to its workspace."""
+
+    kind = "storage"
+
+    @abstractmethod
+    def workspace_path(self, account: ExternalAccount, workspace_id: int) -> str:
+        """Where the workspace lives; decided once, at creation, and stored with it."""
+
+    @abstractmethod
+    async def create_workspace(self, path: str, account: ExternalAccount) -> None:
+        """Create the empty directory (its parents as needed), owned by ``account``."""
+
+    @abstractmethod
+    async def validate_files(self, files: list[FileSpec], symlinks: list[SymlinkSpec]) -> None:
+        """Reject, before anything is written, names that could not be confined."""
+
+    @abstractmethod
+    async def write_files(
+        self,
+        path: str,
+        account: ExternalAccount,
+        files: list[FileSpec],
+        symlinks: list[SymlinkSpec],
+    ) -> None:
+        """Write files and create symlinks inside the workspace at ``path``."""
+
+    @abstractmethod
+    async def save_upload(
+        self,
+        path: str,
+        account: ExternalAccount,
+        filename: str,
+        chunks: AsyncIterator[bytes],
+    ) -> int:
+        """Stream one uploaded file into the workspace root; return its size. A failed or
+        interrupted upload leaves no partial file."""
+
+    @abstractmethod
+    async def scan(self, path: str) -> WorkspaceScan:
+        """Size and file tree of the workspace (confined to it; links are not followed)."""
+
+    @abstractmethod
+    async def delete_workspace(self, path: str) -> None:
+        """Remove the workspace directory; removing one already gone is not an error."""
+
+
+# --- compute resources and job types --------------------------------------------------
+
+
+class JobState(BaseModel):
+    """What a resource says of a job it launched.
+
+    ``unknown`` means the resource could not tell (unreachable, a transient error): callers
+    must never read it as ended.
+    """
+
+    status: str  # "pending" | "running" | "complete" | "failed" | "unknown"
+    detail: str = ""
+    exit_code: int | None = None
+    core_hours: float | None = None
+    hostname: str | None = None
+
+
+class LaunchRequest(BaseModel):
+    job_id: int
+    script: str
+    workdir: str
+    account: ExternalAccount
+    resource_options: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+    time_limit_min: int | None = None
+
+
+class ComputeResource(Plugin):
+    """Runs job scripts.
+
+    ``launch`` returns a JSON-able handle that the caller keeps and passes back to
+    ``poll``, ``wait`` and ``stop``; a restart of the caller loses nothing. A retried
+    ``launch`` for the same job id must find the job it already launched rather than
+    launching a second one.
+    """
+
+    kind = "resource"
+
+    def __init__(
+        self, name: str, settings: PluginSettings, *, storage: StorageMethod,
+        auth: AuthMethod, passthrough_domain: str, parameter_mapping: Mapping[str, str],
+    ) -> None:
+        super().__init__(name, settings)
+        self.storage = storage
+        self.auth = auth
+        self.passthrough_domain = passthrough_domain
+        self.parameter_mapping = dict(parameter_mapping)
+
+    @abstractmethod
+    async def launch(self, request: LaunchRequest) -> dict[str, Any]:
+        """Launch (or find the already-launched) job; return its handle."""
+
+    @abstractmethod
+    async def poll(self, handle: Mapping[str, Any]) -> JobState:
+        """The job's current state, answered at once."""
+
+    async def wait(self, handle: Mapping[str, Any], timeout: float) -> JobState:
+        """Return when the job has ended or ``timeout`` seconds passed, whichever is first.
+        Resources that can be told of an exit (a local process) override this to answer
+        at once; the default polls once at the end."""
+        import asyncio
+
+        await asyncio.sleep(timeout)
+        return await self.poll(handle)
+
+    @abstractmethod
+    async def stop(self, handle: Mapping[str, Any], grace_seconds: float) -> None:
+        """End the job; stopping one already ended is not an error."""
+
+    def resource_job_id(self, handle: Mapping[str, Any]) -> int:
+        """The number clients see as ``resource_job_id``."""
+        return int(handle.get("id", -1))
+
+
+class JobContext(BaseModel):
+    """What a job type needs to know of the job it writes a script for."""
+
+    job_id: int
+    workdir: str
+    resource_name: str
+    passthrough_domain: str
+    resource_options: dict[str, Any] = Field(default_factory=dict)
+    job_details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Connection(BaseModel):
+    """How to reach an interactive session once it answers."""
+
+    message: str = "Webserver ready."
+    proxy_details: dict[str, Any]
+    connection_details: dict[str, Any]
+
+
+class JobType(Plugin):
+    """Writes the script a job runs and, for interactive jobs, finds out how to reach it.
+
+    Settings come per resource (``environment_details.<resource>`` in ``config.toml``);
+    ``settings_for(resource)`` gives the validated ones.
+    """
+
+    kind = "job_type"
+    interactive: ClassVar[bool] = False
+
+    def __init__(self, name: str, settings_by_resource: Mapping[str, PluginSettings]) -> None:
+        super().__init__(name, PluginSettings())
+        self.settings_by_resource = dict(settings_by_resource)
+
+    def settings_for(self, resource_name: str) -> PluginSettings:
+        try:
+            return self.settings_by_resource[resource_name]
+        except KeyError:
+            return self.Settings()
+
+    def default_time_limit_min(self, resource_name: str) -> int | None:
+        return getattr(self.settings_for(resource_name), "time_limit_min", None)
+
+    @abstractmethod
+    def script(self, ctx: JobContext) -> str:
+        """The shell script the resource runs for this job (run in ``ctx.workdir``)."""
+
+    async def connection(self, ctx: JobContext, hostname: str) -> Connection | None:
+        """For interactive jobs: the connection once the session answers, else ``None``
+        (not up yet). Batch jobs have none."""
+        return None

@@ -1,0 +1,123 @@
+"""Plugins by short name, and building them from ``config.toml``.
+
+An explicit mapping (no string-built imports): adding a plugin means adding it here.
+Dependencies are injected as in the reference: a storage gets its auth method, a resource
+its storage and auth method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from controllers.auth.local import LocalUserAuthentication
+from controllers.base import AuthMethod, ComputeResource, JobType, Plugin, StorageMethod
+from controllers.job_types.appyter import AppyterJob
+from controllers.job_types.jupyter_lab import JupyterLabJob
+from controllers.job_types.local_test import LocalTestJob
+from controllers.resources.local import LocalResource
+from controllers.storage.local_fs import LocalFileSystemStorage
+from core.config import AppConfig, ConfigError
+
+AUTH_METHODS: dict[str, type[AuthMethod]] = {
+    "LocalUserAuthentication": LocalUserAuthentication,
+}
+STORAGE_METHODS: dict[str, type[StorageMethod]] = {
+    "LocalFileSystemStorage": LocalFileSystemStorage,
+}
+RESOURCES: dict[str, type[ComputeResource]] = {
+    "LocalResource": LocalResource,
+}
+JOB_TYPES: dict[str, type[JobType]] = {
+    "LocalTestJob": LocalTestJob,
+    "JupyterLabJob": JupyterLabJob,
+    "AppyterJob": AppyterJob,
+}
+
+
+@dataclass(frozen=True)
+class Controllers:
+    config: AppConfig
+    auth: dict[str, AuthMethod]
+    storage: dict[str, StorageMethod]
+    resources: dict[str, ComputeResource]
+    job_types: dict[str, JobType]
+
+    @property
+    def api_auth(self) -> AuthMethod:
+        return self.auth[self.config.api_user_authentication]
+
+    @property
+    def main_storage(self) -> StorageMethod:
+        return self.storage[self.config.main_storage]
+
+    @property
+    def main_resource(self) -> ComputeResource:
+        return self.resources[self.config.main_resource]
+
+    def all(self) -> list[Plugin]:
+        return [*self.auth.values(), *self.storage.values(), *self.resources.values(),
+                *self.job_types.values()]
+
+
+def _lookup(registry: dict[str, type[Any]], name: str, file: str, key: str) -> type[Any]:
+    try:
+        return registry[name]
+    except KeyError:
+        known = ", ".join(sorted(registry))
+        raise ConfigError(file, key, f"unknown plugin {name!r} (known: {known})") from None
+
+
+def _settings(cls: type[Plugin], data: dict[str, Any], file: str, key: str) -> Any:
+    try:
+        return cls.Settings.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        sub = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(file, f"{key}.{sub}" if sub else key, err["msg"]) from None
+
+
+def build_controllers(config: AppConfig, *, file: str, data_dir: Path) -> Controllers:
+    """Instantiate every configured plugin, validating its settings."""
+    auth: dict[str, AuthMethod] = {}
+    for aid, a in config.available_user_authentication.items():
+        key = f"available_user_authentication.{aid}"
+        cls = _lookup(AUTH_METHODS, a.user_authentication_type, file,
+                      f"{key}.user_authentication_type")
+        auth[aid] = cls(aid, _settings(cls, a.connection_details, file,
+                                       f"{key}.connection_details"))
+
+    storage: dict[str, StorageMethod] = {}
+    for sid, s in config.available_storage.items():
+        key = f"available_storage.{sid}"
+        cls = _lookup(STORAGE_METHODS, s.storage_type, file, f"{key}.storage_type")
+        root = Path(s.root_dir)
+        root = root if root.is_absolute() else (data_dir / root)
+        data = {**s.connection_details, "root_dir": str(root.resolve())}
+        storage[sid] = cls(sid, _settings(cls, data, file, f"{key}.connection_details"))
+
+    resources: dict[str, ComputeResource] = {}
+    for rid, r in config.available_resources.items():
+        key = f"available_resources.{rid}"
+        cls = _lookup(RESOURCES, r.resource_type, file, f"{key}.resource_type")
+        resources[rid] = cls(
+            rid, _settings(cls, r.connection_details, file, f"{key}.connection_details"),
+            storage=storage[r.storage], auth=auth[r.user_authentication],
+            passthrough_domain=r.passthrough_domain, parameter_mapping=r.parameter_mapping,
+        )
+
+    job_types: dict[str, JobType] = {}
+    for jid, j in config.available_job_types.items():
+        key = f"available_job_types.{jid}"
+        cls = _lookup(JOB_TYPES, j.job_type, file, f"{key}.job_type")
+        per_resource = {
+            rid: _settings(cls, env, file, f"{key}.environment_details.{rid}")
+            for rid, env in j.environment_details.items()
+        }
+        job_types[jid] = cls(jid, per_resource)
+
+    return Controllers(config=config, auth=auth, storage=storage, resources=resources,
+                       job_types=job_types)

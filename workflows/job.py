@@ -1,0 +1,294 @@
+"""``JobWorkflow``: one per job (id ``job-<id>``), from launch to its last core-hour.
+
+prepare (script, job directory) → launch (idempotent: a retried launch finds the job it
+launched) → watch with the resource's cheapest signal (process exit locally) → learn how
+to reach an interactive session → end on the job's own end, a stop request or the time
+limit → stop if needed → finalize (status, end time, core-hours, quota, workspace) →
+rescan the workspace.
+
+A resource that cannot answer is not a finished job: ``unknown`` is retried with backoff,
+never read as ``complete`` or ``failed``. The whole state is one object, so the history
+stays bounded by continuing as new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows.models import (
+        ConnectionInput,
+        ConnectionResult,
+        ExtendRequest,
+        ExtendResult,
+        FinalizeInput,
+        JobContinuation,
+        JobInput,
+        JobRunState,
+        JobSnapshot,
+        JobStatusUpdate,
+        LaunchInput,
+        PrepareResult,
+        StopJobInput,
+        StopRequest,
+        WatchInput,
+        WatchResult,
+        WorkspaceRef,
+    )
+
+STATUS_KEY = SearchAttributeKey.for_keyword("UwsStatus")
+
+_QUICK = timedelta(seconds=30)
+_RETRY_FOREVER = RetryPolicy(
+    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+)
+# A watch returns at the latest after this long, so a stop or a deadline is never late
+# by more than a signal's delivery, and histories grow by a few events per chunk.
+_WATCH_CHUNK_SECONDS = 300.0
+_MAX_UNKNOWN_BACKOFF = 60.0
+_LOOPS_BEFORE_CONTINUE = 200
+
+
+@workflow.defn
+class JobWorkflow:
+    def __init__(self) -> None:
+        self.inp: JobInput | None = None
+        self.state = JobRunState()
+        self.status = "pending"
+
+    # --- messages ---------------------------------------------------------------------
+
+    @workflow.signal
+    def request_stop(self, req: StopRequest) -> None:
+        if not self.state.stop_requested:
+            self.state.stop_requested = True
+            self.state.stop_reason = req.reason
+
+    @workflow.update
+    def extend_time_limit(self, req: ExtendRequest) -> ExtendResult:
+        self.state.deadline_epoch += req.minutes * 60
+        self.state.extended_minutes += req.minutes
+        return ExtendResult(time_limit_min=self._time_limit_min(),
+                            deadline_epoch=self.state.deadline_epoch)
+
+    @extend_time_limit.validator
+    def _validate_extend(self, req: ExtendRequest) -> None:
+        if self.status not in ("pending", "running") or self.state.stop_requested:
+            raise ValueError("This job is not running or pending.")
+        if req.minutes < 1:
+            raise ValueError("minutes must be a positive integer.")
+        if self._time_limit_min() + req.minutes > req.max_total_minutes:
+            raise ValueError(
+                f"The time limit cannot exceed {req.max_total_minutes} minutes "
+                f"(now {self._time_limit_min()})."
+            )
+
+    @workflow.query
+    def snapshot(self) -> JobSnapshot:
+        return JobSnapshot(phase=self.state.phase, status=self.status,
+                           deadline_epoch=self.state.deadline_epoch,
+                           stop_requested=self.state.stop_requested)
+
+    # --- run --------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, cont: JobContinuation) -> str:
+        self.inp, self.state = cont.inp, cont.state
+        inp, st = self.inp, self.state
+        if st.deadline_epoch == 0.0:
+            st.deadline_epoch = workflow.now().timestamp() + inp.time_limit_min * 60
+        if st.phase == "launched":
+            self.status = "running" if st.hostname else "pending"
+
+        if st.phase == "new":
+            await self._launch()
+        if st.phase == "launched":
+            status, core_hours, detail = await self._watch()
+        else:  # stopped before it reached the resource
+            status, core_hours, detail = "complete", 0.0, st.stop_reason
+        await self._finalize(status, core_hours, detail)
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return status
+
+    async def _launch(self) -> None:
+        inp, st = self._inp, self.state
+        if st.stop_requested:
+            return
+        prep: PrepareResult = await workflow.execute_activity(
+            "prepare_job", inp, result_type=PrepareResult,
+            start_to_close_timeout=timedelta(minutes=5), retry_policy=_RETRY_FOREVER,
+        )
+        if st.stop_requested:
+            return
+        handle: dict = await workflow.execute_activity(
+            "launch_job",
+            LaunchInput(
+                job_id=inp.job_id, resource_name=inp.resource_name, workdir=prep.workdir,
+                script=prep.script, resource_options=inp.resource_options, env=prep.env,
+                time_limit_min=inp.time_limit_min, user_id=inp.user_id,
+            ),
+            result_type=dict,
+            start_to_close_timeout=timedelta(minutes=5), retry_policy=_RETRY_FOREVER,
+        )
+        st.handle = handle
+        st.phase = "launched"
+        st.hostname = ""
+        inp.job_details = {**inp.job_details, "workdir": prep.workdir,
+                           "interactive": prep.interactive}
+        await self._record(JobStatusUpdate(
+            job_id=inp.job_id, status="pending", resource_job_id=int(handle.get("id", -1)),
+            event="launched",
+        ))
+
+    async def _watch(self) -> tuple[str, float, str]:
+        inp, st = self._inp, self.state
+        assert st.handle is not None
+        connection_backoff = 1.0
+        for _ in range(_LOOPS_BEFORE_CONTINUE):
+            if st.stop_requested or self._remaining() <= 0:
+                return await self._stop()
+            chunk = min(self._remaining(), _WATCH_CHUNK_SECONDS)
+            if (self.status == "running" and not st.connection_known
+                    and inp.job_details.get("interactive")):
+                chunk = min(chunk, connection_backoff)
+            result = await self._watch_once(chunk)
+            if result is None:  # interrupted by a stop request or the deadline
+                continue
+            if result.status in ("complete", "failed"):
+                return result.status, result.core_hours or 0.0, result.detail
+            if result.status == "unknown":
+                st.unknown_streak += 1
+                await self._record(JobStatusUpdate(
+                    job_id=inp.job_id, status=self.status,
+                    event=f"resource unreachable: {result.detail}",
+                ))
+                await workflow.wait_condition(
+                    lambda: st.stop_requested,
+                    timeout=min(2.0 ** st.unknown_streak, _MAX_UNKNOWN_BACKOFF),
+                )
+                continue
+            st.unknown_streak = 0
+            if result.status == "running" and self.status != "running":
+                st.hostname = result.hostname or "127.0.0.1"
+                await self._record(JobStatusUpdate(
+                    job_id=inp.job_id, status="running", set_start=True, event="running",
+                ))
+            if (self.status == "running" and not st.connection_known
+                    and inp.job_details.get("interactive")):
+                connection_backoff = min(connection_backoff * 1.5, 10.0)
+                await self._learn_connection()
+        # Bounded history: carry the whole state into a fresh run.
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(JobContinuation(inp=inp, state=st))
+
+    async def _watch_once(self, seconds: float) -> WatchResult | None:
+        st = self.state
+        assert st.handle is not None
+        handle = workflow.start_activity(
+            "watch_job",
+            WatchInput(resource_name=self._inp.resource_name, handle=st.handle,
+                       timeout_seconds=max(seconds, 0.0), known_status=self.status),
+            result_type=WatchResult,
+            start_to_close_timeout=timedelta(seconds=seconds + 120),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=_RETRY_FOREVER,
+        )
+        try:
+            await workflow.wait_condition(lambda: handle.done() or st.stop_requested,
+                                          timeout=max(self._remaining(), 0.001))
+        except TimeoutError:
+            pass
+        if not handle.done():
+            handle.cancel()
+            try:
+                await handle
+            except (ActivityError, asyncio.CancelledError):
+                pass
+            return None
+        return handle.result()
+
+    async def _learn_connection(self) -> None:
+        inp, st = self._inp, self.state
+        found: ConnectionResult = await workflow.execute_activity(
+            "job_connection",
+            ConnectionInput(job_id=inp.job_id, job_type=inp.job_type,
+                            resource_name=inp.resource_name,
+                            workdir=str(inp.job_details.get("workdir", "")),
+                            hostname=st.hostname, job_details=inp.job_details),
+            result_type=ConnectionResult,
+            start_to_close_timeout=_QUICK, retry_policy=_RETRY_FOREVER,
+        )
+        if found.ready:
+            st.connection_known = True
+            await self._record(JobStatusUpdate(
+                job_id=inp.job_id, status="running",
+                current_job_details=found.current_job_details, event="session ready",
+            ))
+
+    async def _stop(self) -> tuple[str, float, str]:
+        inp, st = self._inp, self.state
+        assert st.handle is not None
+        reason = st.stop_reason if st.stop_requested else "Time limit reached."
+        await self._record(JobStatusUpdate(job_id=inp.job_id, status="stopping", event=reason))
+        await workflow.execute_activity(
+            "stop_job", StopJobInput(resource_name=inp.resource_name, handle=st.handle),
+            start_to_close_timeout=timedelta(minutes=2), heartbeat_timeout=_QUICK,
+            retry_policy=_RETRY_FOREVER,
+        )
+        final: WatchResult = await workflow.execute_activity(
+            "watch_job",
+            WatchInput(resource_name=inp.resource_name, handle=st.handle, timeout_seconds=0.0,
+                       known_status=""),
+            result_type=WatchResult,
+            start_to_close_timeout=_QUICK, retry_policy=_RETRY_FOREVER,
+        )
+        return "complete", final.core_hours or 0.0, reason
+
+    async def _finalize(self, status: str, core_hours: float, detail: str) -> None:
+        inp = self._inp
+        self.state.phase = "ended"
+        await workflow.execute_activity(
+            "finalize_job",
+            FinalizeInput(job_id=inp.job_id, workspace_id=inp.workspace_id,
+                          user_id=inp.user_id, status=status, core_hours=core_hours,
+                          detail=detail),
+            start_to_close_timeout=_QUICK, retry_policy=_RETRY_FOREVER,
+        )
+        self._set_status(status)
+        await workflow.execute_activity(
+            "scan_workspace", WorkspaceRef(workspace_id=inp.workspace_id),
+            start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(minutes=1),
+            retry_policy=RetryPolicy(maximum_attempts=3),
+        )
+
+    # --- helpers ----------------------------------------------------------------------
+
+    @property
+    def _inp(self) -> JobInput:
+        if self.inp is None:
+            raise ApplicationError("workflow input missing", non_retryable=True)
+        return self.inp
+
+    def _remaining(self) -> float:
+        return self.state.deadline_epoch - workflow.now().timestamp()
+
+    def _time_limit_min(self) -> int:
+        return self._inp.time_limit_min + self.state.extended_minutes
+
+    def _set_status(self, status: str) -> None:
+        if status != self.status:
+            self.status = status
+            workflow.upsert_search_attributes([STATUS_KEY.value_set(status)])
+
+    async def _record(self, update: JobStatusUpdate) -> None:
+        self._set_status(update.status)
+        await workflow.execute_activity(
+            "record_job_status", update, start_to_close_timeout=_QUICK,
+            retry_policy=_RETRY_FOREVER,
+        )

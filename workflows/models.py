@@ -1,0 +1,224 @@
+"""Inputs and outputs of every workflow, activity, signal, update and query.
+
+One dataclass each, so fields can be added later without breaking running workflows.
+Dependency-free on purpose: the API, the workflows (inside the sandbox) and the
+activities all import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TASK_QUEUE_DEFAULT = "uws"
+
+
+def delete_workflow_id(workspace_id: int) -> str:
+    return f"workspace-delete-{workspace_id}"
+
+
+def scan_workflow_id(workspace_id: int) -> str:
+    return f"workspace-scan-{workspace_id}"
+
+
+# --- workspace deletion ---------------------------------------------------------------
+
+
+@dataclass
+class DeleteWorkspaceInput:
+    workspace_id: int
+
+
+@dataclass
+class DeleteWorkspaceResult:
+    deleted: bool
+    reason: str = ""
+
+
+@dataclass
+class WorkspaceRef:
+    workspace_id: int
+
+
+@dataclass
+class WorkspaceErrorInput:
+    workspace_id: int
+    reason: str
+
+
+# --- workspace rescan -----------------------------------------------------------------
+
+
+@dataclass
+class ScanWorkspaceInput:
+    workspace_id: int
+
+
+@dataclass
+class ScanResult:
+    workspace_id: int
+    found: bool
+    disk_space: int = 0
+    files: int = 0
+    symlinks: int = 0
+
+
+@dataclass
+class ScanRequest:
+    """Signal payload: scan again (sent with signal-with-start after each change)."""
+
+    reason: str = ""
+
+
+@dataclass
+class ScanWorkflowResult:
+    scans: int
+    results: list[ScanResult] = field(default_factory=list)
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+
+def job_workflow_id(job_id: int) -> str:
+    return f"job-{job_id}"
+
+
+@dataclass
+class JobInput:
+    job_id: int
+    user_id: int
+    workspace_id: int
+    job_type: str
+    resource_name: str
+    time_limit_min: int
+    resource_options: dict = field(default_factory=dict)
+    job_details: dict = field(default_factory=dict)
+
+
+@dataclass
+class JobRunState:
+    """Everything the workflow knows; carried across continue-as-new."""
+
+    phase: str = "new"  # new | launched | ended
+    handle: dict | None = None
+    hostname: str = ""
+    deadline_epoch: float = 0.0  # time limit, as workflow time
+    stop_requested: bool = False
+    stop_reason: str = ""
+    connection_known: bool = False
+    unknown_streak: int = 0
+    extended_minutes: int = 0
+
+
+@dataclass
+class JobContinuation:
+    inp: JobInput
+    state: JobRunState
+
+
+@dataclass
+class PrepareResult:
+    workdir: str
+    script: str
+    interactive: bool
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class LaunchInput:
+    job_id: int
+    resource_name: str
+    workdir: str
+    script: str
+    resource_options: dict
+    env: dict
+    time_limit_min: int
+    user_id: int
+
+
+@dataclass
+class WatchInput:
+    resource_name: str
+    handle: dict
+    timeout_seconds: float
+    known_status: str = ""
+
+
+@dataclass
+class WatchResult:
+    status: str  # pending | running | complete | failed | unknown
+    detail: str = ""
+    exit_code: int | None = None
+    core_hours: float | None = None
+    hostname: str | None = None
+
+
+@dataclass
+class StopJobInput:
+    resource_name: str
+    handle: dict
+    grace_seconds: float = 10.0
+
+
+@dataclass
+class ConnectionInput:
+    job_id: int
+    job_type: str
+    resource_name: str
+    workdir: str
+    hostname: str
+    job_details: dict = field(default_factory=dict)
+
+
+@dataclass
+class ConnectionResult:
+    ready: bool
+    current_job_details: dict = field(default_factory=dict)
+
+
+@dataclass
+class JobStatusUpdate:
+    """One status change, written to the jobs table and published to subscribers."""
+
+    job_id: int
+    status: str
+    resource_job_id: int | None = None
+    set_start: bool = False
+    set_end: bool = False
+    core_hours: float | None = None
+    current_job_details: dict | None = None
+    event: str = ""
+
+
+@dataclass
+class FinalizeInput:
+    job_id: int
+    workspace_id: int
+    user_id: int
+    status: str
+    core_hours: float
+    detail: str = ""
+
+
+@dataclass
+class StopRequest:
+    reason: str = "Stopped by user."
+
+
+@dataclass
+class ExtendRequest:
+    minutes: int
+    max_total_minutes: int
+
+
+@dataclass
+class ExtendResult:
+    time_limit_min: int
+    deadline_epoch: float
+
+
+@dataclass
+class JobSnapshot:
+    phase: str
+    status: str
+    deadline_epoch: float
+    stop_requested: bool

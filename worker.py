@@ -48,6 +48,7 @@ async def run_worker(settings: Settings | None = None) -> None:
     controllers = load_controllers(settings)
     if not settings.database_url:
         raise RuntimeError("UWS_DATABASE_URL is not set (`uws worker` sets it for you)")
+    await controllers.prepare()
     engine = await open_engine(settings.database_url)
     try:
         client = await connect(settings)

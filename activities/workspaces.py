@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
+from controllers.errors import BackendError
 from controllers.registry import Controllers
 from db import queries
 from workflows.models import ScanResult, WorkspaceErrorInput, WorkspaceRef
@@ -13,7 +15,7 @@ class WorkspaceActivities:
     def __init__(self, controllers: Controllers) -> None:
         self._controllers = controllers
 
-    def _storage(self, storage_name: str):  # noqa: ANN202 - a StorageMethod
+    def _storage(self, storage_name: str):
         return self._controllers.storage.get(storage_name) or self._controllers.main_storage
 
     @activity.defn(name="delete_workspace_directory")
@@ -22,7 +24,12 @@ class WorkspaceActivities:
         if row is None:
             return False  # already gone: a retry after the row was removed
         if row["file_path"]:
-            await self._storage(row["storage_name"]).delete_workspace(row["file_path"])
+            try:
+                await self._storage(row["storage_name"]).delete_workspace(row["file_path"])
+            except BackendError as err:
+                # The storage refused (a path outside its root, say): retrying cannot help.
+                raise ApplicationError(err.log_message, type="StorageRefused",
+                                       non_retryable=True) from err
         return True
 
     @activity.defn(name="delete_workspace_row")

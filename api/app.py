@@ -50,6 +50,7 @@ def create_app(
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         if not settings.database_url:
             raise RuntimeError("UWS_DATABASE_URL is not set (`uws api` sets it for you)")
+        await controllers.prepare()
         engine = await open_engine(settings.database_url)
         client = temporal or await connect(settings)
         app.state.uws = AppState(

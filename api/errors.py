@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import asyncpg
-
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
 from litestar.status_codes import (
@@ -24,7 +23,6 @@ from litestar.status_codes import (
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
-
 from temporalio.service import RPCError
 
 from controllers import errors as cerr

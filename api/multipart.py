@@ -54,7 +54,7 @@ class MultipartReader:
         self._events: deque[tuple[str, bytes]] = deque()
         self._done = False
 
-        def on(kind: str):  # noqa: ANN202 - parser callback factory
+        def on(kind: str):
             def callback(data: bytes | None = None, start: int = 0, end: int = 0) -> None:
                 self._events.append((kind, bytes(data[start:end]) if data is not None else b""))
             return callback

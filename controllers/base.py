@@ -50,6 +50,10 @@ class Plugin(ABC):
         if missing:
             raise TypeError(f"{cls.__name__} must implement {', '.join(missing)}")
 
+    async def prepare(self) -> None:
+        """Create what the plugin needs before the server serves (idempotent; called once
+        per process at start-up)."""
+
     async def health(self) -> Health:
         """Whether the plugin can do its work now (``GET /status/`` shows it)."""
         return Health(ok=True)

@@ -58,6 +58,10 @@ class Controllers:
     def main_resource(self) -> ComputeResource:
         return self.resources[self.config.main_resource]
 
+    async def prepare(self) -> None:
+        for plugin in self.all():
+            await plugin.prepare()
+
     def all(self) -> list[Plugin]:
         return [*self.auth.values(), *self.storage.values(), *self.resources.values(),
                 *self.job_types.values()]

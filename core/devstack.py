@@ -52,7 +52,7 @@ def start_temporal_dev_server(
     ]
     for name, kind in SEARCH_ATTRIBUTES.items():
         args += ["--search-attribute", f"{name}={kind}"]
-    log = open(data_dir / "temporal.log", "ab")  # noqa: SIM115 - owned by the child
+    log = open(data_dir / "temporal.log", "ab")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     wait_for_port(host, port, timeout=60, proc=proc, what="Temporal dev server")

@@ -7,7 +7,7 @@ never undoes a concurrent rename (a bug of the reference server).
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from piccolo.columns import (
     JSONB,
@@ -25,7 +25,7 @@ from piccolo.columns.defaults.timestamptz import TimestamptzNow
 from piccolo.table import Table
 
 
-class WorkspaceStatus(str, Enum):
+class WorkspaceStatus(StrEnum):
     initializing = "initializing"
     idle = "idle"
     active = "active"
@@ -33,7 +33,7 @@ class WorkspaceStatus(str, Enum):
     error = "error"
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     pending = "pending"
     running = "running"
     stopping = "stopping"

@@ -109,14 +109,14 @@ def settings(database_url: str, data_dir: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def controllers(settings: Settings):  # noqa: ANN201
+def controllers(settings: Settings):
     from api.app import load_controllers
 
     return load_controllers(settings)
 
 
 @pytest.fixture(scope="session")
-async def worker(temporal_env: WorkflowEnvironment, controllers, settings: Settings, engine):  # noqa: ANN001, ANN201
+async def worker(temporal_env: WorkflowEnvironment, controllers, settings: Settings, engine):
     from worker import build_worker
 
     w = build_worker(temporal_env.client, controllers, settings.task_queue)
@@ -125,7 +125,7 @@ async def worker(temporal_env: WorkflowEnvironment, controllers, settings: Setti
 
 
 @pytest.fixture(scope="session")
-async def app(settings: Settings, controllers, temporal_env: WorkflowEnvironment, worker):  # noqa: ANN001, ANN201
+async def app(settings: Settings, controllers, temporal_env: WorkflowEnvironment, worker):
     from api.app import create_app
 
     return create_app(settings, controllers=controllers, temporal=temporal_env.client)
@@ -138,7 +138,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-async def server_url(app) -> AsyncIterator[str]:  # noqa: ANN001
+async def server_url(app) -> AsyncIterator[str]:
     """The app served by a real uvicorn on loopback, in the tests' own event loop."""
     import uvicorn
 
@@ -162,13 +162,13 @@ async def client(server_url: str) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(scope="session")
-async def api_client_key(client, engine) -> str:  # noqa: ANN001
+async def api_client_key(client, engine) -> str:
     from db.accounts import create_client
 
     return await create_client(f"portal-{secrets.token_hex(4)}")
 
 
-async def make_user_token(client, client_key: str, username: str | None = None) -> str:  # noqa: ANN001
+async def make_user_token(client, client_key: str, username: str | None = None) -> str:
     username = username or f"user{secrets.token_hex(5)}"
     r = await client.post("/tokens/", json={
         "client_token": client_key,
@@ -180,7 +180,7 @@ async def make_user_token(client, client_key: str, username: str | None = None) 
 
 
 @pytest.fixture
-async def user_token(client, api_client_key: str) -> str:  # noqa: ANN001
+async def user_token(client, api_client_key: str) -> str:
     return await make_user_token(client, api_client_key)
 
 
@@ -189,7 +189,7 @@ def auth(user_token: str) -> dict[str, str]:
     return {"UWS-Authorization": f"Token {user_token}"}
 
 
-async def eventually(check, timeout: float = 30.0, interval: float = 0.1):  # noqa: ANN001, ANN201
+async def eventually(check, timeout: float = 30.0, interval: float = 0.1):
     """Wait until ``await check()`` returns a truthy value; return it."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

@@ -71,7 +71,7 @@ async def _database_health() -> dict[str, Any]:
     try:
         await asyncio.wait_for(User.raw("SELECT 1"), timeout=3)
         return {"ok": True, "detail": ""}
-    except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy"
+    except Exception as exc:
         return {"ok": False, "detail": str(exc) or type(exc).__name__}
 
 
@@ -79,5 +79,5 @@ async def _temporal_health(state: Any) -> dict[str, Any]:
     try:
         await asyncio.wait_for(state.temporal.service_client.check_health(), timeout=3)
         return {"ok": True, "detail": state.settings.resolved_temporal_address}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"ok": False, "detail": str(exc) or type(exc).__name__}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, get, put
+from litestar.params import FromPath
 from temporalio.client import WorkflowUpdateFailedError
 
 from api.auth import AuthUser, current_user, require_user
@@ -32,7 +33,7 @@ def _listing(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"success": True, "message": message, "data": {"jobs": jobs}}
 
 
-def _filtered(request: Request[Any, Any, Any], user: AuthUser, job_id: int | None = None):  # noqa: ANN202
+def _filtered(request: Request[Any, Any, Any], user: AuthUser, job_id: int | None = None):
     query = Job.select().where(Job.user == user.id)
     if job_id is not None:
         query = query.where(Job.id == job_id)
@@ -71,7 +72,9 @@ class JobRoutes(Controller):
         return _listing(await query if query is not None else [])
 
     @get("/{job_id:str}/", operation_id="getJob")
-    async def get_job(self, request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+    async def get_job(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str]
+    ) -> dict[str, Any]:
         """One of the caller's jobs, in the listing's shape."""
         jid = parse_id(job_id)
         query = _filtered(request, current_user(request), jid) if jid is not None else None
@@ -79,7 +82,7 @@ class JobRoutes(Controller):
 
     @put("/{job_id:str}/{put_type:str}/", operation_id="jobAction")
     async def action(
-        self, request: Request[Any, Any, Any], job_id: str, put_type: str
+        self, request: Request[Any, Any, Any], job_id: FromPath[str], put_type: FromPath[str]
     ) -> dict[str, Any]:
         """``stop`` ends the job; ``extend`` (``{"minutes": n}``) gives it more time."""
         user = current_user(request)

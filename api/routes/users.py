@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, get
+from litestar.params import FromQuery
+from piccolo.columns.combination import WhereRaw
 
 from api.auth import current_user, require_user
 from api.serializers import user_json
 from db.tables import User
-from piccolo.columns.combination import WhereRaw
 
 
 class UserRoutes(Controller):
@@ -18,7 +19,9 @@ class UserRoutes(Controller):
     guards = [require_user]
 
     @get("/", operation_id="searchUsers")
-    async def search_users(self, request: Request[Any, Any, Any], search: str = "") -> dict[str, Any]:
+    async def search_users(
+        self, request: Request[Any, Any, Any], search: FromQuery[str] = ""
+    ) -> dict[str, Any]:
         """Users whose first and last name, or e-mail, contain ``search`` (any case); never
         the caller nor ``admin``."""
         me = current_user(request)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
 from litestar import Controller, Request, delete, get, post, put
+from litestar.params import FromPath
 from piccolo.columns.combination import WhereRaw
 
 from api import workflow_ops
@@ -106,7 +108,7 @@ class WorkspaceRoutes(Controller):
 
     @get("/{workspace_id:str}/", operation_id="getWorkspace")
     async def get_workspace(
-        self, request: Request[Any, Any, Any], workspace_id: str
+        self, request: Request[Any, Any, Any], workspace_id: FromPath[str]
     ) -> dict[str, Any]:
         """One of the caller's workspaces, in the same list shape as the listing."""
         user = current_user(request)
@@ -171,7 +173,7 @@ class WorkspaceRoutes(Controller):
 
     @put("/{workspace_id:str}/", operation_id="updateWorkspace")
     async def update_workspace(
-        self, request: Request[Any, Any, Any], workspace_id: str
+        self, request: Request[Any, Any, Any], workspace_id: FromPath[str]
     ) -> dict[str, Any]:
         """Rename, re-describe, set the default job type, add files and symlinks."""
         state, user = app_state(request), current_user(request)
@@ -212,7 +214,9 @@ class WorkspaceRoutes(Controller):
 
     @put("/{workspace_id:str}/upload/", operation_id="uploadToWorkspace",
          request_max_body_size=None)
-    async def upload(self, request: Request[Any, Any, Any], workspace_id: str) -> dict[str, Any]:
+    async def upload(
+        self, request: Request[Any, Any, Any], workspace_id: FromPath[str]
+    ) -> dict[str, Any]:
         """Multipart upload; each file part lands in the workspace root under its filename.
         Bodies stream to disk; the configured limit answers 413 past it."""
         state, user = app_state(request), current_user(request)
@@ -247,7 +251,10 @@ class WorkspaceRoutes(Controller):
 
     @put("/{workspace_id:str}/{put_type:str}/", operation_id="workspaceAction")
     async def action(
-        self, request: Request[Any, Any, Any], workspace_id: str, put_type: str
+        self,
+        request: Request[Any, Any, Any],
+        workspace_id: FromPath[str],
+        put_type: FromPath[str],
     ) -> dict[str, Any]:
         """``start`` launches a job in the workspace; any other verb is refused."""
         user = current_user(request)
@@ -281,7 +288,7 @@ class WorkspaceRoutes(Controller):
             raise Unprocessable(f"Invalid resource options found: {errors}")
         if row["status"] in ("deleting", "error", "initializing"):
             raise BadRequest(f"Workspace {row['id']} is {row['status']} and cannot start jobs.")
-        if not row["file_path"] or not os.path.isdir(row["file_path"]):
+        if not row["file_path"] or not await asyncio.to_thread(os.path.isdir, row["file_path"]):
             raise ServerError(
                 "Workspace directory is missing or invalid. Please contact an administrator."
             )
@@ -290,7 +297,7 @@ class WorkspaceRoutes(Controller):
 
     @delete("/{workspace_id:str}/", status_code=200, operation_id="deleteWorkspace")
     async def delete_workspace(
-        self, request: Request[Any, Any, Any], workspace_id: str
+        self, request: Request[Any, Any, Any], workspace_id: FromPath[str]
     ) -> dict[str, Any]:
         """Queue the workspace for deletion: its directory, then its row."""
         state, user = app_state(request), current_user(request)

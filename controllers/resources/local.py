@@ -129,8 +129,9 @@ def _descendants(root: int) -> list[tuple[int, int]]:
 # --- file helpers -----------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: str, mode: int = 0o644, owner: tuple[int, int] | None = None,
-                  ) -> None:
+def _write_atomic(
+    path: Path, data: str, mode: int = 0o644, owner: tuple[int, int] | None = None,
+) -> None:
     """Write via a fresh temporary file and rename: readers never see a partial file, and
     as root we never write through a symlink the account may have planted at ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -210,25 +211,28 @@ def _wrapper_script(job_id: int, cpus: int, workdir: Path, shell: str) -> str:
 {MARKER}job-id: {job_id}
 {MARKER}cpus: {cpus}
 cd {q(str(workdir))} || exit 1
-echo $$ > {PID_FILE}.tmp && mv -f {PID_FILE}.tmp {PID_FILE}
 signalled=
+interrupted=
 child=
 on_signal() {{
     signalled=$((128 + $1))
+    interrupted=1
     [ -n "$child" ] && kill -"$1" "$child" 2>/dev/null
 }}
+# Trapped before the pid is published: whoever can read the pid gets an exit code.
 trap 'on_signal 15' TERM
 trap 'on_signal 2' INT
 trap 'on_signal 1' HUP
+echo $$ > {PID_FILE}.tmp && mv -f {PID_FILE}.tmp {PID_FILE}
 if [ -z "$signalled" ]; then
     {q(shell)} ./{JOB_SCRIPT} > {JOB_LOG} 2>&1 < /dev/null &
     child=$!
-    # wait returns early (>128) when a trapped signal arrives: wait again until the job
-    # itself has ended (a zombie still answers kill -0, the next wait reaps it).
+    # A trapped signal makes wait return early: wait again until the job itself ended.
     while :; do
+        interrupted=
         wait "$child"
         code=$?
-        kill -0 "$child" 2>/dev/null || break
+        [ -n "$interrupted" ] || break
     done
 fi
 [ -n "$signalled" ] && code=$signalled
@@ -251,6 +255,9 @@ class LocalResource(ComputeResource):
     settings: Settings
 
     async def health(self) -> Health:
+        # Without setsid no job can be started detached; everything else is the kernel's.
+        if shutil.which("setsid") is None:
+            return Health(ok=False, detail="setsid (util-linux) is not on PATH")
         return Health(ok=True)
 
     # launch ------------------------------------------------------------------------------
@@ -457,7 +464,7 @@ class LocalResource(ComputeResource):
         )
 
     # ``timeout`` is the name the ComputeResource contract gives this parameter.
-    async def wait(self, handle: Mapping[str, Any], timeout: float) -> JobState:  # noqa: ASYNC109
+    async def wait(self, handle: Mapping[str, Any], timeout: float) -> JobState:
         if await _wait_exit(int(handle["id"]), handle.get("start_ticks"), timeout):
             await self._wait_for_exit_file(Path(handle["workdir"]))
         return self._state(handle)

@@ -370,6 +370,9 @@ class LocalFileSystemStorage(StorageMethod):
                 os.close(fd)
         return WorkspaceScan(disk_space=size, files=sorted(files), symlinks=sorted(links))
 
+    async def prepare(self) -> None:
+        await asyncio.to_thread(os.makedirs, self.root_dir, 0o755, True)
+
     async def health(self) -> Health:
         return await asyncio.to_thread(self._health)
 

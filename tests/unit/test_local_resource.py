@@ -165,6 +165,10 @@ async def test_num_cpus_follows_the_parameter_mapping(started, tmp_path):
                                            resource_options={"cores": "many"}))
 
 
+async def test_health(resource):
+    assert (await resource.health()).ok
+
+
 # --- launching once -------------------------------------------------------------------
 
 
@@ -243,6 +247,18 @@ async def test_stop_ends_the_whole_group(resource, started, tmp_path):
 
     await resource.stop(handle, 5.0)  # a second stop is quiet
     assert (await resource.poll(handle)).exit_code == 143
+
+
+async def test_term_to_the_wrapper_alone_reaches_the_job(resource, started, tmp_path):
+    script = "sleep 1000 &\necho $! > child.pid\nwait\n"
+    handle = await launch(resource, started, make_request(tmp_path, script))
+    pid_file = tmp_path / "child.pid"
+    assert await eventually(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
+    os.kill(handle["id"], signal.SIGTERM)
+    state = await resource.wait(handle, WAIT_LIMIT_S)
+    assert (state.status, state.exit_code) == ("failed", 143)
+    # The wrapper forwarded the TERM to job.sh and recorded only once that had ended.
+    assert not is_running(handle["id"])
 
 
 async def test_stop_kills_a_job_that_ignores_term(resource, started, tmp_path):

@@ -1,0 +1,25 @@
+"""Every committed history replays against today's workflow code: a non-deterministic
+change fails here instead of in production."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+
+from worker import WORKFLOWS
+
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+
+
+def test_histories_are_committed() -> None:
+    names = {p.stem for p in HISTORIES}
+    assert {"delete_workspace_ok", "delete_workspace_refused"} <= names, names
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_replay(path: Path) -> None:
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    await Replayer(workflows=WORKFLOWS).replay_workflow(history)

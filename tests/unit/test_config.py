@@ -1,0 +1,124 @@
+"""``config.toml`` loading: the shipped file is valid; each kind of mistake names the file,
+the key path and the reason."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from controllers.registry import build_controllers
+from core.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _default() -> dict:
+    return tomllib.loads((ROOT / "config.toml").read_text())
+
+
+def _error(data: dict, tmp_path: Path) -> ConfigError:
+    path = tmp_path / "bad.toml"
+    path.write_text(tomli_w.dumps(data))
+    with pytest.raises(ConfigError) as info:
+        config = load_config(path)
+        build_controllers(config, file=str(path), data_dir=tmp_path)
+    assert str(path) in str(info.value)
+    return info.value
+
+
+def test_shipped_config_builds(tmp_path: Path) -> None:
+    config = load_config(ROOT / "config.toml")
+    controllers = build_controllers(config, file="config.toml", data_dir=tmp_path)
+    assert set(controllers.job_types) == {"jupyter_lab", "local_test_job"}
+    assert [p.variable_name for p in config.parameters] == [
+        "num_cpus", "memory_mb", "time_limit_min", "gpu_enabled"]
+    assert controllers.main_storage.root_dir == str((tmp_path / "workspaces").resolve())
+
+
+def test_missing_key(tmp_path: Path) -> None:
+    data = _default()
+    del data["available_storage"]["local_storage"]["storage_type"]
+    err = _error(data, tmp_path)
+    assert err.key_path == "available_storage.local_storage.storage_type"
+    assert "required" in err.reason.lower()
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    data = _default()
+    data["main_storgae"] = "x"
+    assert _error(data, tmp_path).key_path == "main_storgae"
+
+
+def test_dangling_reference(tmp_path: Path) -> None:
+    data = _default()
+    data["available_resources"]["local_resource"]["storage"] = "elsewhere"
+    err = _error(data, tmp_path)
+    assert err.key_path == "available_resources.local_resource.storage"
+    assert "'elsewhere'" in err.reason
+
+
+def test_unknown_plugin(tmp_path: Path) -> None:
+    data = _default()
+    data["available_job_types"]["local_test_job"]["job_type"] = "NoSuchJob"
+    err = _error(data, tmp_path)
+    assert err.key_path == "available_job_types.local_test_job.job_type"
+    assert "NoSuchJob" in err.reason and "LocalTestJob" in err.reason
+
+
+def test_wrong_plugin_setting(tmp_path: Path) -> None:
+    data = _default()
+    data["available_user_authentication"]["local_auth"]["connection_details"]["single_usr"] = 1
+    err = _error(data, tmp_path)
+    assert err.key_path == "available_user_authentication.local_auth.connection_details.single_usr"
+
+
+def test_wrong_type_in_plugin_setting(tmp_path: Path) -> None:
+    data = _default()
+    data["available_job_types"]["local_test_job"]["environment_details"]["local_resource"] = {
+        "duration_seconds": "long"}
+    err = _error(data, tmp_path)
+    assert err.key_path == ("available_job_types.local_test_job.environment_details."
+                            "local_resource.duration_seconds")
+
+
+def test_parameter_validation_type(tmp_path: Path) -> None:
+    data = _default()
+    data["parameters"][0]["validation"]["type"] = "integer"
+    assert _error(data, tmp_path).key_path == "parameters.0.validation.type"
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text("this is = = not toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_duplicate_parameter() -> None:
+    data = _default()
+    data["parameters"].append(dict(data["parameters"][0]))
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "f.toml")
+    assert info.value.key_path == "parameters.4.variable_name"
+
+
+def test_cli_reports_config_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('api_user_authentication = "x"\n')
+    proc = subprocess.run([sys.executable, "-m", "core.cli", "api"], capture_output=True,
+                          text=True, env={"UWS_CONFIG": str(bad), "PATH": "/usr/bin:/bin",
+                                          "UWS_DATABASE_URL": "postgresql:///unused"},
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert f"configuration error: {bad}: main_storage: Field required" in proc.stderr

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
@@ -13,8 +14,10 @@ from temporalio.client import Client
 
 from api.auth import authenticate
 from api.errors import exception_handlers
+from api.live_status import JobEventBus
 from api.routes.catalogue import CatalogueRoutes
 from api.routes.jobs import JobRoutes
+from api.routes.live import watch_job, watch_jobs
 from api.routes.tokens import TokenRoutes
 from api.routes.users import UserRoutes
 from api.routes.workspaces import WorkspaceRoutes
@@ -41,6 +44,7 @@ def create_app(
     *,
     controllers: Controllers | None = None,
     temporal: Client | None = None,
+    extra_handlers: Sequence[Any] = (),
 ) -> AppendSlash:
     """The ASGI app: Litestar behind the trailing-slash redirect (``.app`` is Litestar)."""
     settings = settings or get_settings()
@@ -53,17 +57,22 @@ def create_app(
         await controllers.prepare()
         engine = await open_engine(settings.database_url)
         client = temporal or await connect(settings)
+        bus = JobEventBus(settings.database_url)
+        await bus.start()
         app.state.uws = AppState(
-            settings=settings, controllers=controllers, temporal=client,
+            settings=settings, controllers=controllers, temporal=client, bus=bus,
             token_cache=TokenCache(ttl_seconds=settings.token_cache_seconds),
         )
         try:
             yield
         finally:
+            await bus.stop()
             await close_engine(engine)
 
     return AppendSlash(Litestar(
-        route_handlers=[TokenRoutes, WorkspaceRoutes, JobRoutes, CatalogueRoutes, UserRoutes],
+        route_handlers=[TokenRoutes, WorkspaceRoutes, JobRoutes, CatalogueRoutes, UserRoutes,
+                        watch_job, watch_jobs,
+                        *extra_handlers],
         guards=[authenticate],
         exception_handlers=exception_handlers(),
         lifespan=[lifespan],

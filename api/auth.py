@@ -46,7 +46,10 @@ async def user_from_header(header: str | None, cache: Any) -> AuthUser | None:
 
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """App-wide guard, first of all guards: attach the caller (or ``None``)."""
+    """App-wide guard, first of all guards: attach the caller (or ``None``). WebSockets
+    authenticate inside their handler, after accepting, to close with 4401."""
+    if connection.scope["type"] == "websocket":
+        return
     connection.state.user = await user_from_header(
         connection.headers.get(HEADER), connection.app.state.uws.token_cache
     )

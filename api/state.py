@@ -8,6 +8,7 @@ from typing import Any
 from litestar import Request
 from temporalio.client import Client
 
+from api.live_status import JobEventBus
 from api.tokens_cache import TokenCache
 from controllers.registry import Controllers
 from core.settings import Settings
@@ -18,6 +19,7 @@ class AppState:
     settings: Settings
     controllers: Controllers
     temporal: Client
+    bus: JobEventBus
     token_cache: TokenCache = field(default_factory=TokenCache)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -38,7 +39,9 @@ async def _migrate(url: str) -> None:
     from db.engine import ensure_database, migrate
 
     await ensure_database(url)
-    await migrate(url)
+    # Piccolo reports progress on stdout; keep stdout for what a command is asked to print.
+    with contextlib.redirect_stdout(sys.stderr):
+        await migrate(url)
 
 
 async def _client_token(url: str, name: str) -> str:

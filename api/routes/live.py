@@ -1,0 +1,119 @@
+"""WebSockets: live job status for ``/jobs/{id}/`` (one job) and ``/jobs/`` (all of the
+caller's jobs).
+
+The socket authenticates with the ``UWS-Authorization`` header or a ``token`` query
+parameter (browsers cannot set headers on WebSockets), then receives the current state
+at once and every change after it; it closes with 4401 for a bad token and 4404 for a job
+that is not the caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from litestar import WebSocket, websocket
+from litestar.exceptions import WebSocketDisconnect
+from litestar.params import FromPath
+
+from api.auth import HEADER, AuthUser, user_from_header
+from api.errors import NotAuthenticated
+from api.ids import parse_id
+from api.live_status import RESYNC, Subscription
+from db.queries import as_json
+from db.tables import ACTIVE_JOB_STATUSES, Job
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_NOT_FOUND = 4404
+
+
+async def _socket_user(socket: WebSocket[Any, Any, Any]) -> AuthUser | None:
+    header = socket.headers.get(HEADER)
+    token = socket.query_params.get("token")
+    if header is None and token:
+        header = f"Token {token}"
+    try:
+        return await user_from_header(header, socket.app.state.uws.token_cache)
+    except NotAuthenticated:
+        return None
+
+
+def _event(row: dict[str, Any]) -> dict[str, Any]:
+    details = as_json(row["job_details"])
+    return {"id": row["id"], "workspace_id": row["workspace"], "status": row["status"],
+            "current_job_details": details.get("current_job_details", {})}
+
+
+async def _current(user: AuthUser, job_id: int | None) -> list[dict[str, Any]]:
+    columns = (Job.id, Job.workspace, Job.status, Job.job_details)
+    if job_id is not None:
+        rows = await Job.select(*columns).where((Job.id == job_id) & (Job.user == user.id))
+    else:
+        rows = await Job.select(*columns).where(
+            (Job.user == user.id) & Job.status.is_in(list(ACTIVE_JOB_STATUSES))
+        ).order_by(Job.id)
+    return [_event(r) for r in rows]
+
+
+async def _serve(socket: WebSocket[Any, Any, Any], job_id: int | None, raw_id: str) -> None:
+    await socket.accept()
+    user = await _socket_user(socket)
+    if user is None:
+        await socket.close(code=CLOSE_UNAUTHENTICATED, reason="Invalid or missing token.")
+        return
+    bus = socket.app.state.uws.bus
+    sub: Subscription = bus.subscribe(user.id, job_id)
+    try:
+        current = await _current(user, job_id)
+        if job_id is not None and not current:
+            await socket.close(code=CLOSE_NOT_FOUND, reason=f"Job {raw_id} not found for user.")
+            return
+        for event in current:
+            await socket.send_json(event)
+        await _pump(socket, sub, user, job_id)
+    finally:
+        bus.unsubscribe(sub)
+
+
+async def _pump(socket: WebSocket[Any, Any, Any], sub: Subscription, user: AuthUser,
+                job_id: int | None) -> None:
+    """Forward events until the client goes away (its messages are read and ignored)."""
+    async def client_gone() -> None:
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                await socket.receive_data(mode="text")
+
+    gone = asyncio.create_task(client_gone())
+    try:
+        while not gone.done():
+            getter = asyncio.create_task(sub.queue.get())
+            await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            event = getter.result()
+            events = await _current(user, job_id) if event is RESYNC else [_public(event)]
+            for item in events:
+                await socket.send_json(item)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        gone.cancel()
+
+
+def _public(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k != "user_id"}
+
+
+@websocket("/jobs/{job_id:str}/", operation_id="watchJob")
+async def watch_job(socket: WebSocket[Any, Any, Any], job_id: FromPath[str]) -> None:
+    """Every status change of one of the caller's jobs."""
+    parsed = parse_id(job_id)
+    await _serve(socket, parsed if parsed is not None else -1, job_id)
+
+
+@websocket("/jobs/", operation_id="watchJobs")
+async def watch_jobs(socket: WebSocket[Any, Any, Any]) -> None:
+    """Every status change of all of the caller's jobs."""
+    await _serve(socket, None, "")

@@ -11,6 +11,8 @@ from api.auth import AuthUser
 from api.errors import BadRequest, ServiceUnavailable
 from api.state import AppState
 from core.parameters import effective_options
+from db import quotas
+from db.jobs import finalize
 from db.queries import now
 from db.tables import Job, Workspace
 from workflows.job import JobWorkflow
@@ -27,13 +29,13 @@ DEFAULT_TIME_LIMIT_MIN = 60
 
 
 def time_limit_for(state: AppState, job_type: str, resource: str, given: dict[str, Any],
-                   effective: dict[str, Any]) -> int:
+                   effective: dict[str, Any]) -> float:
     """The client's ``time_limit_min``, else the job type's default, else the parameter's."""
     if isinstance(given.get("time_limit_min"), int):
         return int(given["time_limit_min"])
     default = state.controllers.job_types[job_type].default_time_limit_min(resource)
     if default:
-        return int(default)
+        return float(default)
     value = effective.get("time_limit_min")
     return int(value) if isinstance(value, int) and value > 0 else DEFAULT_TIME_LIMIT_MIN
 
@@ -47,25 +49,37 @@ async def start_job(
     options = effective_options(config.parameters, resource_options)
     time_limit = time_limit_for(state, job_type, resource, resource_options, options)
 
+    cpus = options.get("num_cpus", 1)
+    cpus = cpus if isinstance(cpus, int) and cpus > 0 else 1
+    reserve = cpus * time_limit / 60
+    try:
+        await quotas.check_disk(user.id)
+        await quotas.reserve_core_hours(
+            user.id, reserve, f"{cpus} CPU{'s' if cpus > 1 else ''} x {time_limit:g} minutes")
+    except quotas.QuotaExceeded as exc:
+        raise BadRequest(str(exc)) from None
+
     claimed = await Workspace.update({
         Workspace.status: "active", Workspace.datetime_last_job_launch: now(),
     }).where(
         (Workspace.id == workspace["id"]) & Workspace.status.is_in(["idle", "active"])
     ).returning(Workspace.id)
     if not claimed:
+        await quotas.release_core_hours(user.id, reserve)
         raise BadRequest(f"Workspace {workspace['id']} is {workspace['status']} and cannot "
                          "start jobs.")
     job = (await Job.insert(Job(
         user=user.id, workspace=workspace["id"], job_type=job_type, resource_name=resource,
         resource_options=options,
-        job_details={"metrics": {}, "request_job_details": job_details,
+        job_details={"metrics": {"reserved_core_hours": reserve},
+                     "request_job_details": job_details,
                      "current_job_details": {}},
     )).returning(*Job.all_columns()))[0]
 
     inp = JobInput(
         job_id=job["id"], user_id=user.id, workspace_id=workspace["id"], job_type=job_type,
         resource_name=resource, time_limit_min=time_limit, resource_options=options,
-        job_details=job_details,
+        job_details=job_details, reserved_core_hours=reserve,
     )
     try:
         await state.temporal.start_workflow(
@@ -85,8 +99,6 @@ async def start_job(
     except WorkflowAlreadyStartedError:
         pass  # a retried request: the job already has its workflow
     except Exception as exc:
-        from db.jobs import finalize
-
         await finalize(job["id"], "failed", 0.0, f"Could not start: {exc}")
         raise ServiceUnavailable(
             "The job could not be started because the workflow service is unavailable. "

@@ -192,7 +192,7 @@ class LaunchRequest(BaseModel):
     account: ExternalAccount
     resource_options: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
-    time_limit_min: int | None = None
+    time_limit_min: float | None = None
 
 
 class ComputeResource(Plugin):

@@ -36,6 +36,11 @@ def event_payload(row: dict[str, Any]) -> str:
     return text
 
 
+def _reserved(row: dict[str, Any]) -> float:
+    metrics = as_json(row["job_details"]).get("metrics") or {}
+    return float(metrics.get("reserved_core_hours") or 0.0)
+
+
 async def _publish(conn: Any, row: dict[str, Any]) -> None:
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, event_payload(row))
 
@@ -91,9 +96,11 @@ async def finalize(job_id: int, status: str, core_hours: float, detail: str) -> 
         if row is None:
             return None  # finalized already (a retried activity)
         row = dict(row)
+        # Settle the quota: the launch's reservation becomes the real use.
         await conn.execute(
-            "UPDATE uws_user_quota SET used_core_hours = used_core_hours + $2 "
-            'WHERE "user" = $1', row["user"], core_hours,
+            "UPDATE uws_user_quota SET used_core_hours = used_core_hours + $2, "
+            "reserved_core_hours = GREATEST(reserved_core_hours - $3, 0) "
+            'WHERE "user" = $1', row["user"], core_hours, _reserved(row),
         )
         if row["workspace"] is not None:
             await conn.execute(
@@ -104,3 +111,13 @@ async def finalize(job_id: int, status: str, core_hours: float, detail: str) -> 
             )
         await _publish(conn, row)
     return row
+
+
+async def add_reservation(job_id: int, amount: float) -> None:
+    """Record more reserved core-hours on a job (an extension), released at finalize."""
+    await Job.raw(
+        "UPDATE uws_job SET job_details = jsonb_set(job_details, "
+        "'{metrics,reserved_core_hours}', to_jsonb(COALESCE((job_details->'metrics'->>"
+        "'reserved_core_hours')::float8, 0) + {})) WHERE id = {}",
+        amount, job_id,
+    )

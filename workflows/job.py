@@ -278,7 +278,7 @@ class JobWorkflow:
     def _remaining(self) -> float:
         return self.state.deadline_epoch - workflow.now().timestamp()
 
-    def _time_limit_min(self) -> int:
+    def _time_limit_min(self) -> float:
         return self._inp.time_limit_min + self.state.extended_minutes
 
     def _set_status(self, status: str) -> None:

@@ -89,9 +89,10 @@ class JobInput:
     workspace_id: int
     job_type: str
     resource_name: str
-    time_limit_min: int
+    time_limit_min: float  # minutes; fractions are for tests
     resource_options: dict = field(default_factory=dict)
     job_details: dict = field(default_factory=dict)
+    reserved_core_hours: float = 0.0
 
 
 @dataclass
@@ -131,7 +132,7 @@ class LaunchInput:
     script: str
     resource_options: dict
     env: dict
-    time_limit_min: int
+    time_limit_min: float
     user_id: int
 
 
@@ -212,7 +213,7 @@ class ExtendRequest:
 
 @dataclass
 class ExtendResult:
-    time_limit_min: int
+    time_limit_min: float
     deadline_epoch: float
 
 

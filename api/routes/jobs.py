@@ -15,6 +15,8 @@ from api.ids import parse_id
 from api.serializers import job_json
 from api.state import app_state
 from db import jobs as job_rows
+from db import quotas
+from db.queries import as_json
 from db.tables import Job
 from workflows.job import JobWorkflow
 from workflows.models import ExtendRequest, StopRequest, job_workflow_id
@@ -132,6 +134,13 @@ async def _extend(request: Request[Any, Any, Any], row: dict[str, Any]) -> dict[
     param = state.controllers.config.parameter("time_limit_min")
     max_total = int(param.validation.max) if param and param.validation.max else \
         _DEFAULT_MAX_MINUTES
+    cpus = as_json(row["resource_options"]).get("num_cpus", 1)
+    cpus = cpus if isinstance(cpus, int) and cpus > 0 else 1
+    extra = cpus * minutes / 60
+    try:
+        await quotas.reserve_core_hours(row["user"], extra, f"{cpus} CPU x {minutes} minutes")
+    except quotas.QuotaExceeded as exc:
+        raise BadRequest(str(exc)) from None
     handle = state.temporal.get_workflow_handle(job_workflow_id(row["id"]))
     try:
         result = await handle.execute_update(
@@ -139,7 +148,12 @@ async def _extend(request: Request[Any, Any, Any], row: dict[str, Any]) -> dict[
             ExtendRequest(minutes=minutes, max_total_minutes=max_total),
         )
     except WorkflowUpdateFailedError as err:
+        await quotas.release_core_hours(row["user"], extra)
         cause = err.cause
         raise BadRequest(getattr(cause, "message", None) or str(cause)) from None
+    except BaseException:
+        await quotas.release_core_hours(row["user"], extra)
+        raise
+    await job_rows.add_reservation(row["id"], extra)
     return {"success": True, "message": "Time limit extended.",
             "data": {"time_limit_min": result.time_limit_min}}

@@ -10,6 +10,7 @@ from piccolo.columns.combination import WhereRaw
 
 from api.auth import current_user, require_user
 from api.serializers import user_json
+from db import quotas
 from db.tables import User
 
 
@@ -41,3 +42,9 @@ class UserRoutes(Controller):
         return {"success": True,
                 "message": "Users matching given parameters could not be found.",
                 "data": {"users": []}}
+
+    @get("/me/quota/", operation_id="getMyQuota")
+    async def my_quota(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """The caller's limits (``null``: none), usage and reserved core-hours."""
+        view = await quotas.view(current_user(request).id)
+        return {"success": True, "message": "Successful.", "data": {"quota": view.as_json()}}

@@ -361,7 +361,7 @@ def run(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> int
     logs.mkdir()
     try:
         return _run(args, wrk, tmp, logs, stack)
-    except BaseException:
+    except Exception:
         _print_log_tails(logs)
         raise
 

@@ -115,9 +115,10 @@ async def finalize(job_id: int, status: str, core_hours: float, detail: str) -> 
 
 async def add_reservation(job_id: int, amount: float) -> None:
     """Record more reserved core-hours on a job (an extension), released at finalize."""
-    await Job.raw(
-        "UPDATE uws_job SET job_details = jsonb_set(job_details, "
-        "'{metrics,reserved_core_hours}', to_jsonb(COALESCE((job_details->'metrics'->>"
-        "'reserved_core_hours')::float8, 0) + {})) WHERE id = {}",
-        amount, job_id,
-    )
+    async with Job._meta.db.transaction() as tx:
+        await tx.connection.execute(
+            "UPDATE uws_job SET job_details = jsonb_set(job_details, "
+            "'{metrics,reserved_core_hours}', to_jsonb(COALESCE((job_details->'metrics'->>"
+            "'reserved_core_hours')::float8, 0) + $2)) WHERE id = $1",
+            job_id, amount,
+        )

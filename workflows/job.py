@@ -14,6 +14,7 @@ stays bounded by continuing as new.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
@@ -86,7 +87,7 @@ class JobWorkflow:
         if self._time_limit_min() + req.minutes > req.max_total_minutes:
             raise ValueError(
                 f"The time limit cannot exceed {req.max_total_minutes} minutes "
-                f"(now {self._time_limit_min()})."
+                f"(now {self._time_limit_min():g})."
             )
 
     @workflow.query
@@ -168,10 +169,8 @@ class JobWorkflow:
                     job_id=inp.job_id, status=self.status,
                     event=f"resource unreachable: {result.detail}",
                 ))
-                await workflow.wait_condition(
-                    lambda: st.stop_requested,
-                    timeout=min(2.0 ** st.unknown_streak, _MAX_UNKNOWN_BACKOFF),
-                )
+                await self._sleep_unless_stopped(
+                    min(2.0 ** st.unknown_streak, _MAX_UNKNOWN_BACKOFF))
                 continue
             st.unknown_streak = 0
             if result.status == "running" and self.status != "running":
@@ -199,11 +198,9 @@ class JobWorkflow:
             heartbeat_timeout=timedelta(seconds=30),
             retry_policy=_RETRY_FOREVER,
         )
-        try:
+        with contextlib.suppress(TimeoutError):
             await workflow.wait_condition(lambda: handle.done() or st.stop_requested,
                                           timeout=max(self._remaining(), 0.001))
-        except TimeoutError:
-            pass
         if not handle.done():
             handle.cancel()
             try:
@@ -274,6 +271,10 @@ class JobWorkflow:
         if self.inp is None:
             raise ApplicationError("workflow input missing", non_retryable=True)
         return self.inp
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await workflow.wait_condition(lambda: self.state.stop_requested, timeout=seconds)
 
     def _remaining(self) -> float:
         return self.state.deadline_epoch - workflow.now().timestamp()

@@ -12,6 +12,7 @@ from api.auth import AuthUser, current_user, require_user
 from api.body import json_body, query_filters
 from api.errors import BadRequest, NotFound
 from api.ids import parse_id
+from api.job_timeline import job_timeline
 from api.serializers import job_json
 from api.state import app_state
 from db import jobs as job_rows
@@ -81,6 +82,16 @@ class JobRoutes(Controller):
         jid = parse_id(job_id)
         query = _filtered(request, current_user(request), jid) if jid is not None else None
         return _listing(await query if query is not None else [])
+
+    @get("/{job_id:str}/events/", operation_id="getJobEvents")
+    async def job_events(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str]
+    ) -> dict[str, Any]:
+        """The job's timeline from its workflow history: status changes, stop requests,
+        extensions, retried steps with their errors, times in UTC."""
+        row = await _owned(current_user(request), job_id)
+        events = await job_timeline(app_state(request).temporal, row["id"])
+        return {"success": True, "message": "Successful.", "data": {"events": events or []}}
 
     @put("/{job_id:str}/{put_type:str}/", operation_id="jobAction")
     async def action(

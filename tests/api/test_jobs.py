@@ -98,3 +98,34 @@ async def test_stop_and_stop_rules(client, auth, api_client_key) -> None:
     r = await client.put(f"/jobs/{job['id']}/stop/", headers=auth)
     assert r.status_code == 400
     assert r.json()["message"] == "This job is not running or pending."
+
+
+async def test_events_timeline_and_extend(client, auth, api_client_key) -> None:
+    ws = await create(client, auth)
+    r = await client.put(f"/workspaces/{ws['id']}/start/", headers=auth,
+                         json={"job_type": "local_test_job",
+                               "job_details": {"duration_seconds": 30},
+                               "resource_options": {"time_limit_min": 10}})
+    job = r.json()["data"]["job"]
+    await wait_status(client, auth, job["id"], "running")
+    r = await client.put(f"/jobs/{job['id']}/extend/", headers=auth, json={"minutes": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"]["time_limit_min"] == 15
+    r = await client.put(f"/jobs/{job['id']}/extend/", headers=auth, json={"minutes": 470})
+    assert r.status_code == 400
+    assert r.json()["message"] == "The time limit cannot exceed 480 minutes (now 15)."
+    r = await client.put(f"/jobs/{job['id']}/extend/", headers=auth, json={"minutes": "x"})
+    assert r.json()["message"] == "'minutes' must be a positive integer."
+    await client.put(f"/jobs/{job['id']}/stop/", headers=auth)
+    await wait_status(client, auth, job["id"], "complete")
+    r = await client.get(f"/jobs/{job['id']}/events/", headers=auth)
+    events = r.json()["data"]["events"]
+    statuses = [e["status"] for e in events if e["type"] == "status"]
+    assert statuses[:2] == ["pending", "running"] and "stopping" in statuses
+    kinds = {(e["type"], e.get("name")) for e in events}
+    assert ("signal", "request_stop") in kinds and ("update", "extend_time_limit") in kinds
+    assert events[-1] == {"time": events[-1]["time"], "type": "workflow",
+                          "detail": "workflow completed"}
+    other = {"UWS-Authorization": f"Token {await make_user_token(client, api_client_key)}"}
+    r = await client.get(f"/jobs/{job['id']}/events/", headers=other)
+    assert r.status_code == 404

@@ -8,7 +8,7 @@ from tests.api.test_jobs import wait_status
 from tests.api.test_workspaces import create, scanned
 
 
-async def _user_id(client, auth) -> int:  # noqa: ANN001
+async def _user_id(client, auth) -> int:
     ws = await create(client, auth)
     row = await Workspace.select(Workspace.user).where(Workspace.id == ws["id"]).first()
     return row["user"]

@@ -12,7 +12,7 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from temporalio.client import Client
 
-from api.auth import authenticate
+from api.auth import AuthenticationMiddleware
 from api.errors import exception_handlers
 from api.live_status import JobEventBus
 from api.routes.catalogue import CatalogueRoutes
@@ -73,7 +73,7 @@ def create_app(
         route_handlers=[TokenRoutes, WorkspaceRoutes, JobRoutes, CatalogueRoutes, UserRoutes,
                         watch_job, watch_jobs,
                         *extra_handlers],
-        guards=[authenticate],
+        middleware=[AuthenticationMiddleware],
         exception_handlers=exception_handlers(),
         lifespan=[lifespan],
         request_max_body_size=settings.max_json_body_bytes,

@@ -9,23 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request
-from litestar.connection import ASGIConnection
-from litestar.handlers.base import BaseRouteHandler
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import NotAuthenticated
 from api.tokens_cache import AuthUser
-from db.tables import Token, User
+from db import reads
 
 HEADER = "uws-authorization"
+_HEADER_BYTES = HEADER.encode()
 
 
 async def lookup_token(key: str) -> AuthUser | None:
-    row = await Token.select(Token.user.id, Token.user.username).where(
-        (Token.key == key) & (Token.user.is_active.eq(True))
-    ).first()
-    if row is None:
-        return None
-    return AuthUser(id=row["user.id"], username=row["user.username"])
+    found = await reads.token_user(key)
+    return AuthUser(id=found[0], username=found[1]) if found else None
 
 
 async def user_from_header(header: str | None, cache: Any) -> AuthUser | None:
@@ -45,25 +41,32 @@ async def user_from_header(header: str | None, cache: Any) -> AuthUser | None:
     return user
 
 
-async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """App-wide guard, first of all guards: attach the caller (or ``None``). WebSockets
-    authenticate inside their handler, after accepting, to close with 4401."""
-    if connection.scope["type"] == "websocket":
-        return
-    connection.state.user = await user_from_header(
-        connection.headers.get(HEADER), connection.app.state.uws.token_cache
-    )
+class AuthenticationMiddleware:
+    """Resolve the caller for every HTTP request before its handler runs.
 
+    Middleware rather than Litestar guards: a guard call copies the route handler, which
+    measured at a third of a simple authenticated request's CPU.
+    """
 
-def require_user(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    if getattr(connection.state, "user", None) is None:
-        raise NotAuthenticated("Authentication credentials were not provided.")
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == _HEADER_BYTES),
+                          None)
+            user = await user_from_header(header, scope["app"].state.uws.token_cache)
+            scope.setdefault("state", {})["user"] = user
+        await self.app(scope, receive, send)
 
 
 def current_user(request: Request[Any, Any, Any]) -> AuthUser:
-    user = request.state.user
-    assert user is not None, "route lacks the require_user guard"
+    """The caller; a protected handler calls this first, so authentication precedes every
+    other check, as the contract says."""
+    user = request.scope.get("state", {}).get("user")
+    if user is None:
+        raise NotAuthenticated("Authentication credentials were not provided.")
     return user
 
 
-__all__ = ["HEADER", "AuthUser", "User", "authenticate", "current_user", "require_user"]
+__all__ = ["HEADER", "AuthUser", "AuthenticationMiddleware", "current_user"]

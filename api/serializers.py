@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from db.queries import as_json
 
 
@@ -12,7 +14,15 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def workspace_json(row: dict[str, Any]) -> dict[str, Any]:
+def raw_json(value: Any) -> Any:
+    """A JSONB value as stored: text from asyncpg goes out as is (no parse and re-encode),
+    anything else (Piccolo gives dicts when asked) is encoded as usual."""
+    if isinstance(value, str):
+        return msgspec.Raw(value.encode())
+    return value if value is not None else {}
+
+
+def workspace_json(row: Any) -> dict[str, Any]:
     return {
         "id": row["id"],
         "name": row["name"],
@@ -22,8 +32,8 @@ def workspace_json(row: dict[str, Any]) -> dict[str, Any]:
         "datetime_last_modified": iso(row["datetime_last_modified"]),
         "datetime_last_job_launch": iso(row["datetime_last_job_launch"]),
         "workspace_details": {
-            "request_workspace_details": as_json(row["request_workspace_details"]),
-            "current_workspace_details": as_json(row["current_workspace_details"]),
+            "request_workspace_details": raw_json(row["request_workspace_details"]),
+            "current_workspace_details": raw_json(row["current_workspace_details"]),
         },
         "status": row["status"],
         "default_job_type": row["default_job_type"],

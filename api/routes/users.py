@@ -8,7 +8,7 @@ from litestar import Controller, Request, get
 from litestar.params import FromQuery
 from piccolo.columns.combination import WhereRaw
 
-from api.auth import current_user, require_user
+from api.auth import current_user
 from api.serializers import user_json
 from db import quotas
 from db.tables import User
@@ -17,7 +17,6 @@ from db.tables import User
 class UserRoutes(Controller):
     path = "/users"
     tags = ["users"]
-    guards = [require_user]
 
     @get("/", operation_id="searchUsers")
     async def search_users(

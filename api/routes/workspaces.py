@@ -11,7 +11,7 @@ from litestar.params import FromPath
 from piccolo.columns.combination import WhereRaw
 
 from api import workflow_ops
-from api.auth import AuthUser, current_user, require_user
+from api.auth import AuthUser, current_user
 from api.body import json_body, query_filters
 from api.errors import BadRequest, NotFound, ServerError, Unprocessable
 from api.ids import parse_id
@@ -22,15 +22,11 @@ from api.state import AppState, app_state
 from api.workspace_details import parse_workspace_details, request_details
 from controllers.base import ExternalAccount
 from core.parameters import validate_resource_options
-from db import accounts
+from db import accounts, reads
 from db.queries import as_json, now
 from db.tables import ACTIVE_JOB_STATUSES, Job, SharedWorkspaceMapping, Workspace
 
 _FILTERS = ("name", "description", "status")
-_UNACCEPTED_COPY = WhereRaw(
-    "NOT EXISTS (SELECT 1 FROM uws_shared_workspace_mapping m "
-    "WHERE m.shared_workspace = uws_workspace.id AND NOT m.is_accepted)"
-)
 
 
 def _not_found(workspace_id: Any) -> NotFound:
@@ -94,17 +90,13 @@ def _listing(rows: list[dict[str, Any]]) -> dict[str, Any]:
 class WorkspaceRoutes(Controller):
     path = "/workspaces"
     tags = ["workspaces"]
-    guards = [require_user]
 
     @get("/", operation_id="listWorkspaces")
     async def list_workspaces(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         """The caller's workspaces, filtered by ``name``, ``description``, ``status``.
         Shared copies not yet accepted are not listed."""
         user = current_user(request)
-        query = Workspace.select().where(Workspace.user == user.id).where(_UNACCEPTED_COPY)
-        for key, value in query_filters(request, _FILTERS).items():
-            query = query.where(getattr(Workspace, key) == value)
-        return _listing(await query.order_by(Workspace.id))
+        return _listing(await reads.workspaces(user.id, query_filters(request, _FILTERS)))
 
     @get("/{workspace_id:str}/", operation_id="getWorkspace")
     async def get_workspace(
@@ -113,15 +105,9 @@ class WorkspaceRoutes(Controller):
         """One of the caller's workspaces, in the same list shape as the listing."""
         user = current_user(request)
         wid = parse_id(workspace_id)
-        rows: list[dict[str, Any]] = []
-        if wid is not None:
-            query = Workspace.select().where(
-                (Workspace.id == wid) & (Workspace.user == user.id)
-            ).where(_UNACCEPTED_COPY)
-            for key, value in query_filters(request, _FILTERS).items():
-                query = query.where(getattr(Workspace, key) == value)
-            rows = await query
-        return _listing(rows)
+        if wid is None:
+            return _listing([])
+        return _listing(await reads.workspaces(user.id, query_filters(request, _FILTERS), wid))
 
     @post("/", status_code=200, operation_id="createWorkspace")
     async def create_workspace(self, request: Request[Any, Any, Any]) -> dict[str, Any]:

@@ -185,5 +185,5 @@ async def test_launch_retried_after_crash_starts_one_process(
     result, row, workdir = await _run(temporal_env.client, swapped,
                                       record_as="job_launch_retried")
     assert CrashAfterLaunch.attempts == 2
-    assert result == "complete"
+    assert result == "complete" and row["status"] == "complete"
     assert (workdir / "test_job_output.txt").read_text().count("started") == 1

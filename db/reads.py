@@ -1,0 +1,54 @@
+"""Hot-path reads in plain SQL on the engine's asyncpg pool.
+
+Every authenticated request resolves a token and most read a row or a list; building
+these through the ORM cost several times the database's own time (measured by
+``bench/api_throughput.py``), so they are written once here, with asyncpg's per-connection
+statement cache doing the rest. Writes stay in Piccolo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from db.tables import Workspace
+
+WORKSPACE_COLUMNS = (
+    "w.id, w.name, w.description, w.disk_space, w.datetime_created, w.datetime_last_modified, "
+    "w.datetime_last_job_launch, w.request_workspace_details, w.current_workspace_details, "
+    "w.status, w.default_job_type"
+)
+# Shared copies their recipient has not accepted are not listed.
+_ACCEPTED = ("NOT EXISTS (SELECT 1 FROM uws_shared_workspace_mapping m "
+             "WHERE m.shared_workspace = w.id AND NOT m.is_accepted)")
+_WORKSPACE_FILTERS = ("name", "description", "status")
+
+
+def _pool() -> Any:
+    pool = Workspace._meta.db.pool
+    if pool is None:
+        raise RuntimeError("the database pool is not open")
+    return pool
+
+
+async def token_user(key: str) -> tuple[int, str] | None:
+    row = await _pool().fetchrow(
+        'SELECT u.id, u.username FROM uws_token t JOIN uws_user u ON u.id = t."user" '
+        "WHERE t.key = $1 AND u.is_active", key)
+    return (row["id"], row["username"]) if row else None
+
+
+async def workspaces(user_id: int, filters: dict[str, str],
+                     workspace_id: int | None = None) -> list[Any]:
+    """The user's listed workspaces (optionally one id), with exact-match filters."""
+    clauses = ['w."user" = $1', _ACCEPTED]
+    args: list[Any] = [user_id]
+    if workspace_id is not None:
+        args.append(workspace_id)
+        clauses.append(f"w.id = ${len(args)}")
+    for name in _WORKSPACE_FILTERS:  # fixed names only: never a client's text in SQL
+        if name in filters:
+            args.append(filters[name])
+            clauses.append(f"w.{name} = ${len(args)}")
+    return await _pool().fetch(
+        f"SELECT {WORKSPACE_COLUMNS} FROM uws_workspace w WHERE {' AND '.join(clauses)} "
+        "ORDER BY w.id", *args)

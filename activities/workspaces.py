@@ -5,6 +5,7 @@ from __future__ import annotations
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from controllers.errors import BackendError
 from controllers.registry import Controllers
 from db import queries
@@ -25,7 +26,8 @@ class WorkspaceActivities:
             return False  # already gone: a retry after the row was removed
         if row["file_path"]:
             try:
-                await self._storage(row["storage_name"]).delete_workspace(row["file_path"])
+                async with heartbeating():
+                    await self._storage(row["storage_name"]).delete_workspace(row["file_path"])
             except BackendError as err:
                 # The storage refused (a path outside its root, say): retrying cannot help.
                 raise ApplicationError(err.log_message, type="StorageRefused",
@@ -45,7 +47,8 @@ class WorkspaceActivities:
         row = await queries.workspace_location(ref.workspace_id)
         if row is None or row["status"] == "deleting" or not row["file_path"]:
             return ScanResult(workspace_id=ref.workspace_id, found=False)
-        scan = await self._storage(row["storage_name"]).scan(row["file_path"])
+        async with heartbeating():
+            scan = await self._storage(row["storage_name"]).scan(row["file_path"])
         found = await queries.store_scan(ref.workspace_id, scan)
         return ScanResult(
             workspace_id=ref.workspace_id, found=found, disk_space=scan.disk_space,

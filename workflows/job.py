@@ -53,6 +53,8 @@ _RETRY_FOREVER = RetryPolicy(
 # by more than a signal's delivery, and histories grow by a few events per chunk.
 _WATCH_CHUNK_SECONDS = 300.0
 _MAX_UNKNOWN_BACKOFF = 60.0
+# A watch heartbeats every few seconds; a worker that died mid-watch is noticed after this.
+_WATCH_HEARTBEAT = timedelta(seconds=15)
 _LOOPS_BEFORE_CONTINUE = 200
 
 
@@ -195,7 +197,7 @@ class JobWorkflow:
                        timeout_seconds=max(seconds, 0.0), known_status=self.status),
             result_type=WatchResult,
             start_to_close_timeout=timedelta(seconds=seconds + 120),
-            heartbeat_timeout=timedelta(seconds=30),
+            heartbeat_timeout=_WATCH_HEARTBEAT,
             retry_policy=_RETRY_FOREVER,
         )
         with contextlib.suppress(TimeoutError):
@@ -235,7 +237,7 @@ class JobWorkflow:
         await self._record(JobStatusUpdate(job_id=inp.job_id, status="stopping", event=reason))
         await workflow.execute_activity(
             "stop_job", StopJobInput(resource_name=inp.resource_name, handle=st.handle),
-            start_to_close_timeout=timedelta(minutes=2), heartbeat_timeout=_QUICK,
+            start_to_close_timeout=timedelta(minutes=2),
             retry_policy=_RETRY_FOREVER,
         )
         final: WatchResult = await workflow.execute_activity(

@@ -1,0 +1,26 @@
+"""Heartbeats for activities whose work is one long call (a big ``rmtree`` or scan):
+Temporal learns the worker is alive, and a dead worker's attempt is retried elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from temporalio import activity
+
+
+@contextlib.asynccontextmanager
+async def heartbeating(every: float = 10.0) -> AsyncIterator[None]:
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(every)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -22,7 +22,7 @@ from workflows.models import JobContinuation, JobInput, JobRunState, StopRequest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _start_worker(temporal_env, database_url: str, data_dir: Path, queue: str,  # noqa: ANN001
+def _start_worker(temporal_env, database_url: str, data_dir: Path, queue: str,
                   log: Path) -> subprocess.Popen:
     env = {**os.environ, "UWS_DATABASE_URL": database_url, "UWS_DATA_DIR": str(data_dir),
            "UWS_CONFIG": str(TEST_CONFIG), "UWS_TASK_QUEUE": queue,

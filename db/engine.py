@@ -8,6 +8,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 from piccolo.engine.postgres import PostgresEngine
 
+from db import reads
 from db.tables import ALL_TABLES
 
 
@@ -32,10 +33,12 @@ async def open_engine(dsn: str, *, min_size: int = 2, max_size: int = 20) -> Pos
     bind_engine(engine)
     await engine.start_connection_pool(min_size=min_size, max_size=max_size,
                                        reset=_keep_session)
+    reads.attach(engine.pool)
     return engine
 
 
 async def close_engine(engine: PostgresEngine) -> None:
+    await reads.detach()
     await engine.close_connection_pool()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from db.tables import Workspace
+from db.read_connections import ReadConnections
 
 WORKSPACE_COLUMNS = (
     "w.id, w.name, w.description, w.disk_space, w.datetime_created, w.datetime_last_modified, "
@@ -23,11 +23,25 @@ _ACCEPTED = ("NOT EXISTS (SELECT 1 FROM uws_shared_workspace_mapping m "
 _WORKSPACE_FILTERS = ("name", "description", "status")
 
 
-def _pool() -> Any:
-    pool = Workspace._meta.db.pool
-    if pool is None:
+_readers: ReadConnections | None = None
+
+
+def attach(pool: Any) -> None:
+    global _readers
+    _readers = ReadConnections(pool)
+
+
+async def detach() -> None:
+    global _readers
+    if _readers is not None:
+        readers, _readers = _readers, None
+        await readers.close()
+
+
+def _pool() -> ReadConnections:
+    if _readers is None:
         raise RuntimeError("the database pool is not open")
-    return pool
+    return _readers
 
 
 async def token_user(key: str) -> tuple[int, str] | None:

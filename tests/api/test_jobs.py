@@ -129,3 +129,21 @@ async def test_events_timeline_and_extend(client, auth, api_client_key) -> None:
     other = {"UWS-Authorization": f"Token {await make_user_token(client, api_client_key)}"}
     r = await client.get(f"/jobs/{job['id']}/events/", headers=other)
     assert r.status_code == 404
+
+
+async def test_operators_find_jobs_by_search_attributes(client, auth, temporal_env) -> None:
+    ws = await create(client, auth)
+    r = await client.put(f"/workspaces/{ws['id']}/start/", headers=auth,
+                         json={"job_type": "local_test_job"})
+    job = r.json()["data"]["job"]
+    await wait_status(client, auth, job["id"], "complete")
+
+    async def listed():  # noqa: ANN202 - visibility is eventually consistent
+        query = (f'UwsJobId = {job["id"]} AND UwsWorkspaceId = {ws["id"]} AND '
+                 f'UwsStatus = "complete" AND UwsJobType = "local_test_job"')
+        return [w async for w in temporal_env.client.list_workflows(query)]
+
+    found = await eventually(listed, timeout=30, interval=0.5)
+    assert [w.id for w in found] == [f"job-{job['id']}"]
+    description = await temporal_env.client.get_workflow_handle(found[0].id).describe()
+    assert f"job {job['id']}" in (await description.static_summary() or "")

@@ -1,0 +1,598 @@
+"""Job status latency over the ``/jobs/`` WebSocket, and what 200 running jobs cost.
+
+Starts its own PostgreSQL database, Temporal dev server, worker and API (the helpers of
+``bench.api_throughput``), with a copy of ``config.toml`` whose ``local_test_job`` sleeps
+1 s by default (each request sets ``duration_seconds`` anyway). Then, with one
+``/jobs/`` socket per user opened before the first start:
+
+1. ``--jobs`` LocalTestJobs of ``--duration`` s, started one after another ``--gap`` s
+   apart: the time from sending ``PUT /workspaces/{id}/start/`` to the ``running`` event,
+   and from the process's exit (the mtime of ``.uws-exit`` in the job directory) to the
+   ``complete`` event.
+2. ``--concurrent`` jobs of ``--hold`` s across several users and workspaces: the rate of
+   the start endpoint, then, once all of them run, the CPU time of the worker process and
+   of the Temporal dev server over ``--window`` s, then whether every job completes (on the
+   sockets and in ``GET /jobs/?status=complete``).
+
+Targets are printed, not asserted; the exit status is non-zero only when a job did not
+complete.
+
+    .venv/bin/python bench/jobs_latency.py [--jobs 40] [--concurrent 200] [--hold 60]
+                                           [--window 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    # `python bench/jobs_latency.py` puts bench/, not the repository, on the path.
+    sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import tomli_w  # noqa: E402
+from websockets.asyncio.client import ClientConnection  # noqa: E402
+from websockets.asyncio.client import connect as ws_connect  # noqa: E402
+
+from bench.api_throughput import (  # noqa: E402
+    HOST,
+    ApiServer,
+    _prepare_database,
+    _print_log_tails,
+    _raise_on_sigterm,
+    create_workspace,
+    database,
+    free_port,
+    start_child,
+    user_token,
+)
+from core.devstack import start_temporal_dev_server, stop_process  # noqa: E402
+
+try:
+    import psutil
+except ImportError:  # not a dependency of the project: /proc says the same
+    psutil = None
+
+JOB_TYPE = "local_test_job"
+CONFIG_DEFAULT_SECONDS = 1.0  # the config's default; every request overrides it
+USERS = 4  # phase 2 spreads jobs over users and workspaces so no one owner matters
+WORKSPACES_PER_USER = 2
+START_CONCURRENCY = 8  # start requests in flight at once in phase 2
+TERMINAL = ("complete", "failed")
+SOCKET_SETTLE_S = 1.0  # a socket subscribes only after its token lookup, after accept
+
+TARGET_START_RUNNING_P50 = 0.5
+TARGET_EXIT_COMPLETE_P50 = 0.3
+TARGET_CORES = 0.5
+
+
+# --- set-up ---------------------------------------------------------------------------
+
+def write_config(path: Path) -> None:
+    """The repository's config with a short default duration for ``local_test_job``."""
+    config = tomllib.loads((REPO / "config.toml").read_text())
+    details = config["available_job_types"][JOB_TYPE]["environment_details"]
+    details.setdefault("local_resource", {})["duration_seconds"] = CONFIG_DEFAULT_SECONDS
+    path.write_text(tomli_w.dumps(config))
+
+
+@dataclass
+class User:
+    token: str
+    workspaces: list[int]
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"UWS-Authorization": f"Token {self.token}"}
+
+
+@dataclass
+class Stack:
+    api_port: int
+    data_dir: Path
+    worker_pid: int
+    temporal_pid: int
+    api_pid: int
+    users: list[User]
+
+
+def start_stack(tmp: Path, logs: Path, stack: contextlib.ExitStack) -> Stack:
+    url = stack.enter_context(database(tmp))
+    client_key = asyncio.run(_prepare_database(url, logs / "migrate.log"))
+    write_config(tmp / "config.toml")
+    (tmp / "constant.json").write_text("{}")  # bench.serve_api refuses to start without it
+
+    temporal_port = free_port()
+    temporal = start_temporal_dev_server(tmp / "temporal", host=HOST, port=temporal_port,
+                                         ui_port=free_port())
+    stack.callback(stop_process, temporal)
+    data_dir = tmp / "data"
+    # Runs after the worker stopped: a job process left by an interrupted run dies too.
+    stack.callback(kill_leftover_jobs, data_dir)
+
+    api_port = free_port()
+    env = {**os.environ,
+           "UWS_DATABASE_URL": url, "UWS_TEMPORAL_ADDRESS": f"{HOST}:{temporal_port}",
+           "UWS_DATA_DIR": str(data_dir), "UWS_CONFIG": str(tmp / "config.toml"),
+           "UWS_TASK_QUEUE": f"uws-bench-{secrets.token_hex(4)}",
+           "UWS_HOST": HOST, "UWS_PORT": str(api_port),
+           "UWS_BENCH_CONSTANT_FILE": str(tmp / "constant.json")}
+    worker = start_child([sys.executable, "-m", "core.cli", "worker"], env, logs / "worker.log")
+    stack.callback(stop_process, worker)
+    api = ApiServer(env, api_port, logs / "serve_api.log")
+    stack.callback(api.stop)
+    api.start({})
+    assert api.proc is not None
+
+    users = []
+    for _ in range(USERS):
+        token = user_token(api_port, client_key)
+        auth = {"UWS-Authorization": f"Token {token}"}
+        users.append(User(token, [create_workspace(api_port, auth)
+                                  for _ in range(WORKSPACES_PER_USER)]))
+    return Stack(api_port, data_dir, worker.pid, temporal.pid, api.proc.pid, users)
+
+
+def kill_leftover_jobs(data_dir: Path) -> None:
+    """TERM the process group of every job wrapper under our data dir that still runs
+    (they are detached, so stopping the worker leaves them alive)."""
+    for pid_file in data_dir.glob("workspaces/*/*/.jobs/*/.uws-pid"):
+        workdir = pid_file.parent
+        if (workdir / ".uws-exit").exists():
+            continue
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pid_file.read_text())
+            # Only our wrapper: the pid may have been reused since.
+            if str(workdir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.killpg(pid, signal.SIGTERM)
+
+
+# --- events from the sockets ----------------------------------------------------------
+
+class Events:
+    """The first arrival time (``time.time()``) of each status of each job."""
+
+    def __init__(self) -> None:
+        self.first: dict[int, dict[str, float]] = {}
+
+    def record(self, raw: str | bytes) -> None:
+        now = time.time()
+        event = json.loads(raw)
+        self.first.setdefault(event["id"], {}).setdefault(event["status"], now)
+
+    def at(self, job_id: int, status: str) -> float | None:
+        return self.first.get(job_id, {}).get(status)
+
+    def reached(self, job_id: int, statuses: Iterable[str]) -> bool:
+        seen = self.first.get(job_id, {})
+        return any(s in seen for s in statuses)
+
+    def count(self, ids: Iterable[int], statuses: Iterable[str]) -> int:
+        wanted = tuple(statuses)
+        return sum(self.reached(i, wanted) for i in ids)
+
+    async def wait_all(self, ids: list[int], statuses: Iterable[str], timeout: float,
+                       also: Callable[[], bool] = lambda: False) -> bool:
+        """Whether every job reached one of ``statuses`` (or ``also()`` held) in time.
+        Polling is fine: the arrival times are taken when messages come, not here."""
+        wanted = tuple(statuses)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.reached(i, wanted) for i in ids) or also():
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+
+async def listen(socket: ClientConnection, events: Events) -> None:
+    async for message in socket:
+        events.record(message)
+
+
+@contextlib.asynccontextmanager
+async def sockets(port: int, users: list[User], events: Events) -> AsyncIterator[None]:
+    """One ``/jobs/`` socket per user, read into ``events`` until the block ends."""
+    async with contextlib.AsyncExitStack() as stack:
+        tasks = []
+        for user in users:
+            socket = await stack.enter_async_context(
+                ws_connect(f"ws://{HOST}:{port}/jobs/?token={user.token}", max_size=None))
+            tasks.append(asyncio.create_task(listen(socket, events)))
+        await asyncio.sleep(SOCKET_SETTLE_S)
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    id: int
+    user: User
+    workspace_id: int
+    sent: float
+    answered: float
+
+
+@dataclass
+class StartFailure:
+    workspace_id: int
+    error: str
+
+
+async def start_job(client: httpx.AsyncClient, user: User, workspace_id: int,
+                    seconds: float, time_limit_min: int) -> Job:
+    body = {"job_type": JOB_TYPE, "job_details": {"duration_seconds": seconds},
+            "resource_options": {"time_limit_min": time_limit_min}}
+    sent = time.time()
+    response = await client.put(f"/workspaces/{workspace_id}/start/", json=body,
+                                headers=user.auth)
+    answered = time.time()
+    if response.status_code != 200:
+        raise RuntimeError(f"start answered {response.status_code}: {response.text[:300]}")
+    return Job(response.json()["data"]["job"]["id"], user, workspace_id, sent, answered)
+
+
+def time_limit_for(seconds: float) -> int:
+    # A limit that never cuts a job short, yet ends one left behind by a crashed run.
+    return min(480, math.ceil(seconds / 60) + 2)
+
+
+def job_file(data_dir: Path, job: Job, name: str) -> Path | None:
+    found = list(data_dir.glob(f"workspaces/*/{job.workspace_id}/.jobs/{job.id}/{name}"))
+    return found[0] if found else None
+
+
+def mtime(data_dir: Path, job: Job, name: str) -> float | None:
+    path = job_file(data_dir, job, name)
+    return path.stat().st_mtime if path is not None else None
+
+
+async def final_check(client: httpx.AsyncClient, jobs: list[Job]) -> dict[int, str]:
+    """Jobs that ``GET /jobs/?status=complete`` does not list, with their status."""
+    complete: set[int] = set()
+    for user in {id(j.user): j.user for j in jobs}.values():
+        response = await client.get("/jobs/", params={"status": "complete"}, headers=user.auth)
+        response.raise_for_status()
+        complete |= {row["id"] for row in response.json()["data"]["jobs"]}
+    missing = {}
+    for job in jobs:
+        if job.id not in complete:
+            response = await client.get(f"/jobs/{job.id}/", headers=job.user.auth)
+            rows = response.json()["data"]["jobs"]
+            missing[job.id] = rows[0]["status"] if rows else "not found"
+    return missing
+
+
+# --- numbers --------------------------------------------------------------------------
+
+@dataclass
+class Series:
+    label: str
+    values: list[float] = field(default_factory=list)
+    missing: int = 0
+    target: float | None = None  # for p50, in seconds
+
+    def pct(self, p: float) -> float:
+        ordered = sorted(self.values)
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def series(label: str, jobs: list[Job], value: Callable[[Job], float | None],
+           target: float | None = None) -> Series:
+    out = Series(label, target=target)
+    for job in jobs:
+        v = value(job)
+        if v is None:
+            out.missing += 1
+        else:
+            out.values.append(v)
+    return out
+
+
+def latency_rows(tag: str, jobs: list[Job], events: Events, data_dir: Path,
+                 targets: bool) -> list[Series]:
+    def since_exit(job: Job) -> float | None:
+        done, exited = events.at(job.id, "complete"), mtime(data_dir, job, ".uws-exit")
+        return done - exited if done is not None and exited is not None else None
+
+    def process_start(job: Job) -> float | None:
+        started = mtime(data_dir, job, ".uws-pid")
+        return started - job.sent if started is not None else None
+
+    def after_process(job: Job) -> float | None:
+        running, started = events.at(job.id, "running"), mtime(data_dir, job, ".uws-pid")
+        return running - started if running is not None and started is not None else None
+
+    def start_running(job: Job) -> float | None:
+        running = events.at(job.id, "running")
+        return running - job.sent if running is not None else None
+
+    return [
+        series(f"start -> running ({tag})", jobs, start_running,
+               TARGET_START_RUNNING_P50 if targets else None),
+        series("  PUT start round trip", jobs, lambda j: j.answered - j.sent),
+        series("  PUT sent -> process up (.uws-pid)", jobs, process_start),
+        series("  process up -> running event", jobs, after_process),
+        series(f"exit -> complete ({tag})", jobs, since_exit,
+               TARGET_EXIT_COMPLETE_P50 if targets else None),
+    ]
+
+
+def print_table(rows: list[Series]) -> None:
+    print(f"\n{'seconds':<40} {'n':>4} {'p50':>7} {'p99':>7} {'max':>7}  target (p50)")
+    for row in rows:
+        if not row.values:
+            print(f"{row.label:<40} {0:>4}  (no data; {row.missing} missing)")
+            continue
+        p50 = row.pct(50)
+        target = ""
+        if row.target is not None:
+            target = f"< {row.target:g}  {'met' if p50 < row.target else 'MISSED'}"
+        missing = f"  ({row.missing} missing)" if row.missing else ""
+        print(f"{row.label:<40} {len(row.values):>4} {p50:7.3f} {row.pct(99):7.3f} "
+              f"{max(row.values):7.3f}  {target}{missing}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process itself, not of its children."""
+    if psutil is not None:
+        times = psutil.Process(pid).cpu_times()
+        return times.user + times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle (it is shared: context only)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+# --- the two phases -------------------------------------------------------------------
+
+async def sequential_phase(client: httpx.AsyncClient, st: Stack, events: Events,
+                           args: argparse.Namespace) -> tuple[list[Job], list[int]]:
+    """Jobs one after another; the jobs and those that did not complete on the socket."""
+    user = st.users[0]
+    jobs = []
+    for n in range(args.jobs):
+        workspace = user.workspaces[n % len(user.workspaces)]
+        jobs.append(await start_job(client, user, workspace, args.duration,
+                                    time_limit_for(args.duration)))
+        await asyncio.sleep(args.gap)
+    ids = [j.id for j in jobs]
+    await events.wait_all(ids, TERMINAL, timeout=args.duration + 60)
+    return jobs, [i for i in ids if events.at(i, "complete") is None]
+
+
+async def start_many(client: httpx.AsyncClient, st: Stack, args: argparse.Namespace
+                     ) -> tuple[list[Job], list[StartFailure], float]:
+    """``--concurrent`` starts, ``START_CONCURRENCY`` in flight; jobs, failures, seconds."""
+    gate = asyncio.Semaphore(START_CONCURRENCY)
+    slots = [(u, w) for u in st.users for w in u.workspaces]
+    limit = time_limit_for(args.hold)
+
+    async def one(n: int) -> Job | StartFailure:
+        user, workspace = slots[n % len(slots)]
+        async with gate:
+            try:
+                return await start_job(client, user, workspace, args.hold, limit)
+            except Exception as exc:
+                return StartFailure(workspace, str(exc))
+
+    began = time.monotonic()
+    results = await asyncio.gather(*(one(n) for n in range(args.concurrent)))
+    elapsed = time.monotonic() - began
+    jobs = [r for r in results if isinstance(r, Job)]
+    return jobs, [r for r in results if isinstance(r, StartFailure)], elapsed
+
+
+@dataclass
+class CpuReport:
+    seconds: float
+    cores: dict[str, float]
+    shortened: bool = False
+
+
+class CpuMeter:
+    """Average cores used by our processes (and the whole machine) since ``__init__``."""
+
+    def __init__(self, st: Stack) -> None:
+        self.pids = {"worker": st.worker_pid, "temporal": st.temporal_pid, "api": st.api_pid}
+        self.before = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        self.busy_before, self.t0 = machine_busy_seconds(), time.monotonic()
+
+    def read(self) -> CpuReport:
+        elapsed = time.monotonic() - self.t0
+        cores = {k: (cpu_seconds(p) - self.before[k]) / elapsed for k, p in self.pids.items()}
+        cores["machine"] = (machine_busy_seconds() - self.busy_before) / elapsed
+        return CpuReport(elapsed, cores)
+
+
+async def sample_cpu(st: Stack, jobs: list[Job], args: argparse.Namespace) -> CpuReport:
+    """The steady state: a window ended early enough that no job exits in it."""
+    started = [t for t in (mtime(st.data_dir, j, ".uws-pid") for j in jobs) if t is not None]
+    first_exit = min(started) + args.hold if started else math.inf
+    seconds = max(0.0, min(args.window, first_exit - 1.0 - time.time()))
+    meter = CpuMeter(st)
+    await asyncio.sleep(seconds)
+    report = meter.read()
+    report.shortened = seconds < args.window
+    return report
+
+
+async def concurrent_phase(client: httpx.AsyncClient, st: Stack, events: Events,
+                           args: argparse.Namespace) -> dict[str, Any]:
+    ramp_meter = CpuMeter(st)
+    jobs, failures, start_seconds = await start_many(client, st, args)
+    print(f"  {len(jobs)} started in {start_seconds:.1f}s, {len(failures)} refused",
+          flush=True)
+    ids = [j.id for j in jobs]
+    ramp_began = time.monotonic()
+    # Stop waiting if some job already ended: then "all running at once" cannot happen.
+    all_running = await events.wait_all(
+        ids, ("running", *TERMINAL), timeout=args.hold,
+        also=lambda: events.count(ids, TERMINAL) > 0)
+    ramp_cpu = ramp_meter.read()
+    running = events.count(ids, ("running",))
+    ramp = time.monotonic() - ramp_began
+    print(f"  {running}/{len(jobs)} running {ramp:.1f}s after the last start answered; "
+          "sampling CPU", flush=True)
+    cpu = await sample_cpu(st, jobs, args)
+    print(f"  sampled {cpu.seconds:.1f}s; waiting for the jobs to end", flush=True)
+    await events.wait_all(ids, TERMINAL, timeout=args.hold + 120)
+    return {"jobs": jobs, "failures": failures, "start_seconds": start_seconds,
+            "all_running": all_running, "running": running, "ramp": ramp, "cpu": cpu,
+            "ramp_cpu": ramp_cpu,
+            "not_complete": [i for i in ids if events.at(i, "complete") is None]}
+
+
+# --- report ---------------------------------------------------------------------------
+
+def print_cpu(cpu: CpuReport, running: int) -> None:
+    c = cpu.cores
+    both = c["worker"] + c["temporal"]
+    verdict = "met" if both < TARGET_CORES else "MISSED"
+    note = " (window shortened: the first jobs were about to exit)" if cpu.shortened else ""
+    print(f"\nCPU over {cpu.seconds:.1f}s with {running} jobs running{note}:")
+    print(f"  worker {c['worker']:.3f} cores, temporal dev server {c['temporal']:.3f} cores, "
+          f"together {both:.3f}  target < {TARGET_CORES:g}  {verdict}")
+    print(f"  (context: api {c['api']:.3f} cores, whole machine {c['machine']:.3f} "
+          "busy cores)")
+
+
+def print_ramp_cpu(cpu: CpuReport) -> None:
+    c = cpu.cores
+    print(f"CPU from the first start until all ran ({cpu.seconds:.1f}s, context): "
+          f"worker {c['worker']:.3f}, temporal {c['temporal']:.3f}, api {c['api']:.3f}, "
+          f"whole machine {c['machine']:.3f} cores")
+
+
+def print_starts(result: dict[str, Any], requested: int) -> None:
+    jobs, seconds = result["jobs"], result["start_seconds"]
+    round_trips = Series("", [j.answered - j.sent for j in jobs])
+    print(f"\nstart endpoint: {requested} requests ({START_CONCURRENCY} in flight) in "
+          f"{seconds:.2f}s = {requested / seconds:.1f} req/s; {len(jobs)} accepted, "
+          f"{len(result['failures'])} refused", end="")
+    if round_trips.values:
+        print(f"; round trip p50 {round_trips.pct(50):.3f}s p99 {round_trips.pct(99):.3f}s")
+    else:
+        print()
+    for failure in result["failures"][:5]:
+        print(f"  refused in workspace {failure.workspace_id}: {failure.error}")
+
+
+def print_outcome(label: str, jobs: list[Job], not_on_socket: list[int],
+                  not_listed: dict[int, str]) -> None:
+    print(f"{label}: {len(jobs) - len(not_on_socket)}/{len(jobs)} complete on the socket, "
+          f"{len(jobs) - len(not_listed)}/{len(jobs)} in GET /jobs/?status=complete")
+    if not_on_socket:
+        print(f"  no complete event for: {sorted(not_on_socket)[:20]}")
+    for job_id, status in sorted(not_listed.items())[:20]:
+        print(f"  job {job_id}: {status}")
+
+
+# --- main -----------------------------------------------------------------------------
+
+async def measure(st: Stack, args: argparse.Namespace) -> int:
+    events = Events()
+    async with httpx.AsyncClient(base_url=f"http://{HOST}:{st.api_port}", timeout=60) as client, \
+            sockets(st.api_port, st.users, events):
+        print(f"\n1. {args.jobs} jobs of {args.duration:g}s, one every {args.gap:g}s "
+              "after the previous start answered", flush=True)
+        seq_jobs, seq_missing = await sequential_phase(client, st, events, args)
+        seq_not_listed = await final_check(client, seq_jobs)
+
+        print(f"\n2. {args.concurrent} jobs of {args.hold:g}s across {USERS} users x "
+              f"{WORKSPACES_PER_USER} workspaces", flush=True)
+        conc = await concurrent_phase(client, st, events, args)
+        conc_not_listed = await final_check(client, conc["jobs"])
+
+    rows = latency_rows("sequential", seq_jobs, events, st.data_dir, targets=True)
+    rows += latency_rows(f"{args.concurrent} at once", conc["jobs"], events, st.data_dir,
+                         targets=False)
+    print_table(rows)
+    print_starts(conc, args.concurrent)
+    print(f"all {args.concurrent} running: {'yes' if conc['all_running'] else 'NO'} "
+          f"(at most {conc['running']} seen; {conc['ramp']:.1f}s after the starts)")
+    print_ramp_cpu(conc["ramp_cpu"])
+    print_cpu(conc["cpu"], conc["running"])
+    print()
+    print_outcome("sequential", seq_jobs, seq_missing, seq_not_listed)
+    print_outcome("concurrent", conc["jobs"], conc["not_complete"], conc_not_listed)
+    failed = (len(seq_not_listed) + len(conc_not_listed) + len(seq_missing)
+              + len(conc["not_complete"]) + len(conc["failures"]))
+    load = os.getloadavg()
+    print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    return 1 if failed else 0
+
+
+def run(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> int:
+    logs = tmp / "logs"
+    logs.mkdir()
+    try:
+        began = time.monotonic()
+        st = start_stack(tmp, logs, stack)
+        print(f"stack up in {time.monotonic() - began:.1f}s (psutil: "
+              f"{'yes' if psutil is not None else 'no, /proc'})", flush=True)
+        return asyncio.run(measure(st, args))
+    except Exception:
+        _print_log_tails(logs)
+        raise
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=40, help="sequential jobs (latency)")
+    parser.add_argument("--duration", type=float, default=2.0,
+                        help="seconds each sequential job sleeps")
+    parser.add_argument("--gap", type=float, default=0.5,
+                        help="seconds between one start's answer and the next start")
+    parser.add_argument("--concurrent", type=int, default=200, help="jobs running at once")
+    parser.add_argument("--hold", type=float, default=60.0,
+                        help="seconds each concurrent job sleeps")
+    parser.add_argument("--window", type=float, default=30.0, help="CPU sampling seconds")
+    args = parser.parse_args()
+    if args.jobs < 1 or args.concurrent < 1:
+        parser.error("--jobs and --concurrent must be at least 1")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    _raise_on_sigterm()
+    load1, load5, load15 = os.getloadavg()
+    print(f"cpus: {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}); "
+          f"load average at start: {load1:.2f} {load5:.2f} {load15:.2f}", flush=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="uws-bench-") as tmp, \
+                contextlib.ExitStack() as stack:
+            return run(args, Path(tmp), stack)
+    except KeyboardInterrupt:
+        print("interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -138,7 +138,7 @@ async def test_operators_find_jobs_by_search_attributes(client, auth, temporal_e
     job = r.json()["data"]["job"]
     await wait_status(client, auth, job["id"], "complete")
 
-    async def listed():  # noqa: ANN202 - visibility is eventually consistent
+    async def listed():
         query = (f'UwsJobId = {job["id"]} AND UwsWorkspaceId = {ws["id"]} AND '
                  f'UwsStatus = "complete" AND UwsJobType = "local_test_job"')
         return [w async for w in temporal_env.client.list_workflows(query)]

@@ -12,7 +12,7 @@ from db.read_connections import ReadConnections
 
 
 @pytest.fixture
-async def pool(database_url: str):  # noqa: ANN201
+async def pool(database_url: str):
     p = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
     yield p
     await p.close()

@@ -14,23 +14,30 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.jobs import JobActivities
+from activities.shares import ShareActivities
+from activities.upkeep import UpkeepActivities
 from activities.workspaces import WorkspaceActivities
 from api.app import load_controllers
 from controllers.registry import Controllers
+from core.schedules import ensure_schedules
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from db.engine import close_engine, open_engine
 from workflows.job import JobWorkflow
+from workflows.share import ShareWorkspaceWorkflow
+from workflows.upkeep import ReconcileJobsWorkflow, UsageUpkeepWorkflow
 from workflows.workspace_delete import DeleteWorkspaceWorkflow
 from workflows.workspace_scan import ScanWorkspaceWorkflow
 
 log = logging.getLogger("uws.worker")
 
-WORKFLOWS = [JobWorkflow, DeleteWorkspaceWorkflow, ScanWorkspaceWorkflow]
+WORKFLOWS = [JobWorkflow, DeleteWorkspaceWorkflow, ScanWorkspaceWorkflow,
+             ShareWorkspaceWorkflow, UsageUpkeepWorkflow, ReconcileJobsWorkflow]
 
 
-def activities_for(controllers: Controllers) -> list:
-    return [*WorkspaceActivities(controllers).all(), *JobActivities(controllers).all()]
+def activities_for(controllers: Controllers, client: Client) -> list:
+    return [*WorkspaceActivities(controllers).all(), *JobActivities(controllers).all(),
+            *ShareActivities(controllers).all(), *UpkeepActivities(controllers, client).all()]
 
 
 def build_worker(client: Client, controllers: Controllers, task_queue: str) -> Worker:
@@ -38,7 +45,7 @@ def build_worker(client: Client, controllers: Controllers, task_queue: str) -> W
         client,
         task_queue=task_queue,
         workflows=WORKFLOWS,
-        activities=activities_for(controllers),
+        activities=activities_for(controllers, client),
         max_concurrent_activities=500,
     )
 
@@ -52,6 +59,7 @@ async def run_worker(settings: Settings | None = None) -> None:
     engine = await open_engine(settings.database_url)
     try:
         client = await connect(settings)
+        await ensure_schedules(client, settings.task_queue, controllers.config)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,6 +18,7 @@ from api.live_status import JobEventBus
 from api.routes.catalogue import CatalogueRoutes
 from api.routes.jobs import JobRoutes
 from api.routes.live import watch_job, watch_jobs
+from api.routes.shares import SharedWorkspaceRoutes
 from api.routes.tokens import TokenRoutes
 from api.routes.users import UserRoutes
 from api.routes.workspaces import WorkspaceRoutes
@@ -71,6 +72,7 @@ def create_app(
 
     return AppendSlash(Litestar(
         route_handlers=[TokenRoutes, WorkspaceRoutes, JobRoutes, CatalogueRoutes, UserRoutes,
+                        SharedWorkspaceRoutes,
                         watch_job, watch_jobs,
                         *extra_handlers],
         middleware=[AuthenticationMiddleware],

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
 
 from workflows.models import (
     DeleteWorkspaceInput,
     ScanRequest,
     ScanWorkspaceInput,
+    ShareInput,
     delete_workflow_id,
     scan_workflow_id,
+    share_workflow_id,
 )
+from workflows.share import ShareWorkspaceWorkflow
 from workflows.workspace_delete import DeleteWorkspaceWorkflow
 from workflows.workspace_scan import ScanWorkspaceWorkflow
 
@@ -37,3 +41,28 @@ async def start_deletion(client: Client, task_queue: str, workspace_id: int) -> 
         task_queue=task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )
+
+
+async def start_share(client: Client, task_queue: str, shared_workspace_id: int,
+                      original_workspace_id: int, expiry_days: float) -> None:
+    await client.start_workflow(
+        ShareWorkspaceWorkflow.run,
+        ShareInput(shared_workspace_id=shared_workspace_id,
+                   original_workspace_id=original_workspace_id,
+                   expiry_seconds=expiry_days * 86400),
+        id=share_workflow_id(shared_workspace_id),
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )
+
+
+async def signal_share(client: Client, shared_workspace_id: int, signal: str) -> bool:
+    """Signal the share's workflow; ``False`` when it is no longer running."""
+    handle = client.get_workflow_handle(share_workflow_id(shared_workspace_id))
+    try:
+        await handle.signal(signal)
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return True

@@ -121,6 +121,14 @@ class WorkspaceScan(BaseModel):
     symlinks: list[str] = Field(default_factory=list)
 
 
+class CopyProgress(BaseModel):
+    """How far a ``copy_workspace`` got; ``last_path`` is what a resumed copy passes back."""
+
+    files_done: int = 0
+    bytes_done: int = 0
+    last_path: str = ""
+
+
 class StorageMethod(Plugin):
     """Owns workspace directories; every path a client names is confined to its workspace."""
 
@@ -166,6 +174,19 @@ class StorageMethod(Plugin):
     @abstractmethod
     async def delete_workspace(self, path: str) -> None:
         """Remove the workspace directory; removing one already gone is not an error."""
+
+    @abstractmethod
+    async def copy_workspace(
+        self, source: str, target: str, account: ExternalAccount,
+        resume_after: str = "", progress: Callable[[CopyProgress], None] | None = None,
+    ) -> CopyProgress:
+        """Copy ``source``'s files into the existing, empty-or-partly-copied ``target``
+        (owned by ``account``): dot-files and dot-directories are skipped, symlinks are
+        copied as symlinks (never followed), nothing outside ``source`` is read. Entries are
+        copied in a stable sorted order; with ``resume_after`` (a ``last_path`` from an
+        earlier progress report) the entries up to and including it are assumed done.
+        ``progress`` is called after each entry. A file is written under a temporary name
+        and renamed into place, so a crash never leaves a partial file under its real name."""
 
 
 # --- compute resources and job types --------------------------------------------------

@@ -18,6 +18,7 @@ from controllers.base import AuthMethod, ComputeResource, JobType, Plugin, Stora
 from controllers.job_types.appyter import AppyterJob
 from controllers.job_types.jupyter_lab import JupyterLabJob
 from controllers.job_types.local_test import LocalTestJob
+from controllers.notify.email import EmailConfigError, EmailNotifier, EmailSettings
 from controllers.resources.local import LocalResource
 from controllers.storage.local_fs import LocalFileSystemStorage
 from core.config import AppConfig, ConfigError
@@ -45,6 +46,7 @@ class Controllers:
     storage: dict[str, StorageMethod]
     resources: dict[str, ComputeResource]
     job_types: dict[str, JobType]
+    notifier: EmailNotifier
 
     @property
     def api_auth(self) -> AuthMethod:
@@ -123,5 +125,15 @@ def build_controllers(config: AppConfig, *, file: str, data_dir: Path) -> Contro
         }
         job_types[jid] = cls(jid, per_resource)
 
+    try:
+        email = EmailSettings.model_validate(config.email)
+        notifier = EmailNotifier(email)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        sub = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(file, f"email.{sub}" if sub else "email", err["msg"]) from None
+    except EmailConfigError as exc:
+        raise ConfigError(file, "email", str(exc)) from None
+
     return Controllers(config=config, auth=auth, storage=storage, resources=resources,
-                       job_types=job_types)
+                       job_types=job_types, notifier=notifier)

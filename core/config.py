@@ -77,6 +77,15 @@ class ParameterConfig(_Strict):
     validation: ParameterValidation = Field(default_factory=ParameterValidation)
 
 
+class SharingConfig(_Strict):
+    expiry_days: float = Field(30.0, gt=0, description="An unaccepted share is removed after this.")
+
+
+class UpkeepConfig(_Strict):
+    usage_interval_minutes: float = Field(60.0, gt=0)
+    reconcile_interval_minutes: float = Field(10.0, gt=0)
+
+
 class AppConfig(_Strict):
     api_user_authentication: str
     main_storage: str
@@ -86,6 +95,10 @@ class AppConfig(_Strict):
     available_resources: dict[str, ResourceConfig] = Field(min_length=1)
     available_job_types: dict[str, JobTypeConfig] = Field(min_length=1)
     parameters: list[ParameterConfig] = Field(default_factory=list)
+    sharing: SharingConfig = Field(default_factory=SharingConfig)
+    upkeep: UpkeepConfig = Field(default_factory=UpkeepConfig)
+    # Validated by ``controllers.notify.email.EmailSettings`` when the plugins are built.
+    email: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> AppConfig:

@@ -61,3 +61,15 @@ async def store_scan(workspace_id: int, scan: WorkspaceScan) -> bool:
         (Workspace.id == workspace_id) & (Workspace.status != "deleting")
     ).returning(Workspace.id)
     return bool(updated)
+
+
+async def set_workspace_status_if(workspace_id: int, status: str, reason: str,
+                                  only_from: list[str]) -> bool:
+    """Set a workspace's status, optionally only from the given ones (one statement)."""
+    where = Workspace.id == workspace_id
+    if only_from:
+        where = where & Workspace.status.is_in(only_from)
+    updated = await Workspace.update(
+        {Workspace.status: status, Workspace.status_reason: reason}
+    ).where(where).returning(Workspace.id)
+    return bool(updated)

@@ -66,3 +66,12 @@ async def workspaces(user_id: int, filters: dict[str, str],
     return await _pool().fetch(
         f"SELECT {WORKSPACE_COLUMNS} FROM uws_workspace w WHERE {' AND '.join(clauses)} "
         "ORDER BY w.id", *args)
+
+
+async def fetch(sql: str, *args: Any) -> list[Any]:
+    """Any one-statement read on the hot-path connections."""
+    return await _pool().fetch(sql, *args)
+
+
+async def fetchrow(sql: str, *args: Any) -> Any | None:
+    return await _pool().fetchrow(sql, *args)

@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -28,6 +28,12 @@ from core.temporal import SEARCH_ATTRIBUTES
 
 TESTS = Path(__file__).parent
 TEST_CONFIG = TESTS / "data" / "test-config.toml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _local_postgres_up() -> bool:
@@ -108,11 +114,45 @@ def settings(database_url: str, data_dir: Path) -> Settings:
     )
 
 
-@pytest.fixture(scope="session")
-def controllers(settings: Settings):
-    from api.app import load_controllers
+class Mailbox:
+    """What the loopback SMTP server received."""
 
-    return load_controllers(settings)
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.port = 0
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 OK"
+
+    def to(self, address: str) -> list[bytes]:
+        return [content for _, rcpts, content in self.messages if address in rcpts]
+
+
+@pytest.fixture(scope="session")
+def mailbox() -> Iterator[Mailbox]:
+    """A real SMTP server on loopback (aiosmtpd) receiving the invitations."""
+    from aiosmtpd.controller import Controller
+
+    box = Mailbox()
+    smtp = Controller(box, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    box.port = smtp.port
+    yield box
+    smtp.stop()
+
+
+@pytest.fixture(scope="session")
+def controllers(settings: Settings, mailbox: Mailbox):
+    import dataclasses
+
+    from api.app import load_controllers
+    from controllers.notify.email import EmailNotifier, EmailSettings
+
+    loaded = load_controllers(settings)
+    notifier = EmailNotifier(EmailSettings(enabled=True, port=mailbox.port,
+                                           portal_url="https://portal.example.org/"))
+    return dataclasses.replace(loaded, notifier=notifier)
 
 
 @pytest.fixture(scope="session")
@@ -129,12 +169,6 @@ async def app(settings: Settings, controllers, temporal_env: WorkflowEnvironment
     from api.app import create_app
 
     return create_app(settings, controllers=controllers, temporal=temporal_env.client)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -223,3 +223,55 @@ class JobSnapshot:
     status: str
     deadline_epoch: float
     stop_requested: bool
+
+
+# --- sharing --------------------------------------------------------------------------
+
+
+def share_workflow_id(shared_workspace_id: int) -> str:
+    return f"share-{shared_workspace_id}"
+
+
+@dataclass
+class ShareInput:
+    shared_workspace_id: int
+    original_workspace_id: int
+    expiry_seconds: float
+
+
+@dataclass
+class ShareCopyResult:
+    files: int
+    bytes: int
+
+
+@dataclass
+class WorkspaceStatusInput:
+    workspace_id: int
+    status: str
+    reason: str = ""
+    only_from: list[str] = field(default_factory=list)  # empty: from any status
+
+
+@dataclass
+class ShareRef:
+    shared_workspace_id: int
+
+
+# --- upkeep ---------------------------------------------------------------------------
+
+
+@dataclass
+class UpkeepInput:
+    pass
+
+
+@dataclass
+class UsageResult:
+    users: int
+
+
+@dataclass
+class ReconcileResult:
+    checked: int
+    marked_failed: list[int] = field(default_factory=list)

@@ -14,6 +14,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from workflows.failures import root_cause
     from workflows.models import (
         DeleteWorkspaceInput,
         DeleteWorkspaceResult,
@@ -47,7 +48,7 @@ class DeleteWorkspaceWorkflow:
                 retry_policy=_RETRY,
             )
         except ActivityError as err:
-            reason = f"Deletion failed: {_cause(err)}"
+            reason = f"Deletion failed: {root_cause(err)}"
             workflow.logger.warning("workspace %s: %s", inp.workspace_id, reason)
             await workflow.execute_activity(
                 "mark_workspace_error",
@@ -58,8 +59,3 @@ class DeleteWorkspaceWorkflow:
             return DeleteWorkspaceResult(deleted=False, reason=reason)
         return DeleteWorkspaceResult(deleted=True)
 
-
-def _cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return str(err) or type(err).__name__

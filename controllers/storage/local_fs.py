@@ -16,16 +16,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
 from pydantic import Field
 
 from controllers.base import (
+    CopyProgress,
     ExternalAccount,
     FileSpec,
     Health,
@@ -49,6 +53,19 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CL
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # errnos meaning "this name does not lead to a plain file in a plain directory".
 _NOT_CONFINABLE = {errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENXIO}
+
+# Copying: sources are opened read-only, never through a link, and O_NONBLOCK so a file
+# swapped for a FIFO between listing and open cannot hang the copy.
+_SOURCE_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_COPY_TEMP = re.compile(r"\.uws-copy-[0-9a-f]+\.part")
+# errnos meaning "this source entry vanished or changed type since it was listed".
+_SOURCE_CHANGED = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EINVAL, errno.ENXIO}
+# errnos meaning "this kernel or file system cannot do an in-kernel copy of these files".
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
+# A copy runs in thread-pool chunks; between chunks ``progress`` runs on the event loop.
+# A chunk ends at the first entry boundary after this many entries or seconds.
+COPY_CHUNK_ENTRIES = 512
+COPY_CHUNK_SECONDS = 0.2
 
 _FILE_MESSAGE = "Invalid file path specified {}"
 _SYMLINK_MESSAGE = "Invalid symlink destination path specified {}"
@@ -306,6 +323,93 @@ class LocalFileSystemStorage(StorageMethod):
         finally:
             os.close(ws_fd)
 
+    # --- copying a workspace ---------------------------------------------------------------
+
+    async def copy_workspace(
+        self,
+        source: str,
+        target: str,
+        account: ExternalAccount,
+        resume_after: str = "",
+        progress: Callable[[CopyProgress], None] | None = None,
+    ) -> CopyProgress:
+        """See ``StorageMethod.copy_workspace``. Semantics chosen here:
+
+        * Order: depth-first, names sorted (``str`` order) in each directory, a directory
+          before its contents; paths are relative (``a/b.txt``). An entry is a directory, a
+          regular file or a symlink; dot-names and other file types are not entries.
+        * ``resume_after`` found in the source (same path, not hidden, a directory, file or
+          symlink): every entry up to and including it in that order is assumed done (not
+          touched). Not found (the source changed, or a foreign value): the walk starts from
+          the beginning. Either way, a file whose target already has the same size and mtime
+          (or a symlink with the same text) is not copied again, and stale
+          ``.uws-copy-*.part`` files are removed from every target directory revisited.
+        * ``files_done`` / ``bytes_done``: regular files plus symlinks / bytes of regular
+          files, for the whole workspace so far -- entries assumed done by ``resume_after``
+          and entries found already identical count as well as those copied by this call.
+          The returned value is the final total; ``last_path`` is the last entry of the walk.
+        * ``progress`` is called on the event loop, once per entry after ``resume_after``,
+          in walk order, never from a thread. The blocking work runs in
+          ``asyncio.to_thread`` chunks (``COPY_CHUNK_ENTRIES`` entries or
+          ``COPY_CHUNK_SECONDS``, whichever comes first); the chunk's reports are then
+          delivered, so ``progress`` lags the disk by at most one chunk, and a report is
+          never ahead of it. If ``progress`` raises, the copy stops and the exception
+          propagates; entries already on disk but not reported are found identical on resume.
+        * Permission bits (``0o777``) and mtimes of files, directories and symlinks (mtime
+          only) are copied; set-id and sticky bits are not (a copy made for another account
+          must not carry set-id bits its source's owner chose). Ownership: ``account``, per
+          ``set_ownership``.
+        """
+        job = await _finish_in_thread(
+            partial(self._start_copy, source, target, account, resume_after),
+            discard=_WorkspaceCopy.close,
+        )
+        try:
+            while True:
+                reports, finished = await _finish_in_thread(
+                    partial(job.run_chunk, COPY_CHUNK_ENTRIES, COPY_CHUNK_SECONDS)
+                )
+                if progress is not None:
+                    for report in reports:
+                        progress(report)
+                if finished:
+                    return job.snapshot()
+        finally:
+            job.close()  # a few close() calls: fine on the loop, and safe on cancellation
+
+    def _start_copy(
+        self, source: str, target: str, account: ExternalAccount, resume_after: str
+    ) -> _WorkspaceCopy:
+        src_path, dst_path = self._confined(source), self._confined(target)
+        real_src, real_dst = os.path.realpath(src_path), os.path.realpath(dst_path)
+        if (
+            real_src == real_dst
+            or _strictly_inside(real_dst, real_src)
+            or _strictly_inside(real_src, real_dst)
+        ):
+            # A target inside its source would be walked while it is being filled.
+            raise BackendError(
+                "A workspace cannot be copied into itself.",
+                log_message=f"Refusing to copy {source!r} into {target!r}",
+            )
+        src_fd = self._open_workspace(src_path)
+        try:
+            dst_fd = self._open_workspace(dst_path)
+        except BaseException:
+            os.close(src_fd)
+            raise
+        try:
+            if os.path.samestat(os.fstat(src_fd), os.fstat(dst_fd)):  # a bind mount, say
+                raise BackendError(
+                    "A workspace cannot be copied into itself.",
+                    log_message=f"{source!r} and {target!r} are the same directory",
+                )
+            return _WorkspaceCopy(src_fd, dst_fd, self._owner(account), resume_after, source)
+        except BaseException:
+            os.close(src_fd)
+            os.close(dst_fd)
+            raise
+
     # --- scan and health --------------------------------------------------------------------
 
     async def scan(self, path: str) -> WorkspaceScan:
@@ -531,3 +635,404 @@ async def _finish_in_thread(
         if discard and not task.cancelled() and task.exception() is None:
             discard(task.result())
         raise
+
+
+# --- copying a workspace ----------------------------------------------------------------------
+
+
+@dataclass
+class _CopyFrame:
+    """One open directory of the copy walk.
+
+    ``dst_fd`` is None inside a subtree that lies wholly before the resume point: it is
+    only walked to count what it holds, and the target is not touched."""
+
+    src_fd: int
+    dst_fd: int | None
+    rel: str
+    parts: tuple[str, ...]
+    entries: Iterator[os.DirEntry[str]]
+    mode: int | None = None  # permission bits to set once the subtree is done
+    mtime_ns: tuple[int, int] | None = None  # (atime, mtime) likewise
+
+
+class _WorkspaceCopy:
+    """The state of one ``copy_workspace`` call: an explicit depth-first stack of directory
+    fds, so the walk can stop after any entry and go on in another thread-pool call.
+
+    Not thread-safe: chunks run one after another, never concurrently."""
+
+    def __init__(
+        self,
+        src_fd: int,
+        dst_fd: int,
+        owner: tuple[int, int] | None,
+        resume_after: str,
+        label: str,
+    ) -> None:
+        self.owner = owner
+        self.label = label
+        self.files_done = 0
+        self.bytes_done = 0
+        self.last_path = ""
+        top = _CopyFrame(src_fd, dst_fd, "", (), iter(()))
+        self.stack: list[_CopyFrame] = [top]
+        try:
+            self.resume = _locate(src_fd, resume_after)
+            top.entries = _sorted_entries(src_fd)
+            _remove_stale_temps(dst_fd)
+        except OSError as exc:
+            self.close()
+            raise self._error(exc) from exc
+
+    def snapshot(self) -> CopyProgress:
+        return CopyProgress(
+            files_done=self.files_done, bytes_done=self.bytes_done, last_path=self.last_path
+        )
+
+    def close(self) -> None:
+        while self.stack:
+            frame = self.stack.pop()
+            os.close(frame.src_fd)
+            if frame.dst_fd is not None:
+                os.close(frame.dst_fd)
+
+    def run_chunk(self, max_entries: int, max_seconds: float) -> tuple[list[CopyProgress], bool]:
+        """Copy entries until ``max_entries`` were reported or ``max_seconds`` passed;
+        return the reports and whether the walk is complete."""
+        reports: list[CopyProgress] = []
+        deadline = time.monotonic() + max_seconds
+        try:
+            while self.stack:
+                if len(reports) >= max_entries or time.monotonic() >= deadline:
+                    return reports, False
+                frame = self.stack[-1]
+                entry = next(frame.entries, None)
+                if entry is None:
+                    self._leave(self.stack.pop())
+                elif self._visit(frame, entry):
+                    reports.append(self.snapshot())
+        except OSError as exc:
+            raise self._error(exc) from exc
+        return reports, True
+
+    def _error(self, exc: OSError) -> BackendError:
+        return BackendError(
+            "The workspace could not be copied.",
+            log_message=f"Copying {self.label!r} failed after {self.last_path!r}: {exc}",
+        )
+
+    # --- one entry --------------------------------------------------------------------------
+
+    def _visit(self, frame: _CopyFrame, entry: os.DirEntry[str]) -> bool:
+        """Handle one listed entry; True when it is to be reported to ``progress``."""
+        name = entry.name
+        if name.startswith("."):
+            return False
+        parts = (*frame.parts, name)
+        rel = f"{frame.rel}/{name}" if frame.rel else name
+        # d_type from the listing: no extra syscall, and never follows a link.
+        if entry.is_symlink():
+            kind = "link"
+        elif entry.is_file(follow_symlinks=False):
+            kind = "file"
+        elif entry.is_dir(follow_symlinks=False):
+            kind = "dir"
+        else:
+            return False  # FIFOs, sockets, devices: not copied, not entries
+        # The walk order is the lexicographic order of the component tuples (a directory's
+        # tuple is a prefix of its contents'; siblings are sorted), so tuple comparison is
+        # exactly "at or before resume_after in the walk".
+        assumed_done = frame.dst_fd is None or (self.resume is not None and parts <= self.resume)
+        if assumed_done:
+            self._count_done(frame, entry, kind, parts, rel)
+            return False
+        assert frame.dst_fd is not None
+        if kind == "file":
+            done = self._copy_file(frame.src_fd, frame.dst_fd, name)
+        elif kind == "link":
+            done = self._copy_symlink(frame.src_fd, frame.dst_fd, name)
+        else:
+            done = self._enter_dir(frame, name, parts, rel, with_target=True)
+        if done:
+            self.last_path = rel
+        return done
+
+    def _count_done(
+        self,
+        frame: _CopyFrame,
+        entry: os.DirEntry[str],
+        kind: str,
+        parts: tuple[str, ...],
+        rel: str,
+    ) -> None:
+        """Account for an entry before the resume point without copying it."""
+        if kind == "dir":
+            # The target directory is needed only on the way to the resume point (the
+            # resume point itself or its ancestors): entries after it are still to be copied
+            # into these. Any other directory before it is only walked, to be counted.
+            with_target = (
+                frame.dst_fd is not None
+                and self.resume is not None
+                and self.resume[: len(parts)] == parts
+            )
+            if not self._enter_dir(frame, entry.name, parts, rel, with_target=with_target):
+                return
+        elif kind == "file":
+            try:
+                self.bytes_done += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                return
+            self.files_done += 1
+        else:
+            self.files_done += 1
+        self.last_path = rel
+
+    def _copy_file(self, src_dir: int, dst_dir: int, name: str) -> bool:
+        try:
+            src = os.open(name, _SOURCE_FILE_FLAGS, dir_fd=src_dir)
+        except OSError as exc:
+            if exc.errno in _SOURCE_CHANGED:
+                return False  # gone, or swapped for a link, since the listing
+            raise
+        try:
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode):
+                return False
+            if _same_file(dst_dir, name, st):
+                size = st.st_size
+            else:
+                size = self._write_copy(src, st, dst_dir, name)
+        finally:
+            os.close(src)
+        self.files_done += 1
+        self.bytes_done += size
+        return True
+
+    def _write_copy(self, src: int, st: os.stat_result, dst_dir: int, name: str) -> int:
+        """Copy ``src`` into a temporary file, then rename it onto ``name``.
+
+        No fsync per file: a crash of the process before the rename leaves only the
+        temporary file, which a resumed copy deletes; after the rename the data is in the
+        page cache, which outlives a crash of the process (the worker) -- the failure this
+        resumable copy is for. Only a crash of the whole machine could lose written data,
+        which an fsync per file would guard against at the cost of one disk flush per file
+        (10,000 for a large workspace)."""
+        temp = f".uws-copy-{secrets.token_hex(8)}.part"
+        fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=dst_dir)
+        try:
+            try:
+                size = _copy_data(src, fd)
+                if self.owner:
+                    os.fchown(fd, *self.owner)  # before chmod: chown clears set-id bits
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o777)
+                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))  # last: writes bump mtime
+            finally:
+                os.close(fd)
+            # rename() never follows a link at either end; a directory in the way fails.
+            os.replace(temp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
+        except BaseException:
+            _unlink_quietly(temp, dst_dir)
+            raise
+        return size
+
+    def _copy_symlink(self, src_dir: int, dst_dir: int, name: str) -> bool:
+        try:
+            text = os.readlink(name, dir_fd=src_dir)
+            st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in _SOURCE_CHANGED:
+                return False
+            raise
+        if not _same_symlink(dst_dir, name, text):
+            temp = f".uws-copy-{secrets.token_hex(8)}.part"
+            os.symlink(text, temp, dir_fd=dst_dir)
+            try:
+                if self.owner:
+                    os.chown(temp, *self.owner, dir_fd=dst_dir, follow_symlinks=False)
+                os.utime(
+                    temp,
+                    ns=(st.st_atime_ns, st.st_mtime_ns),
+                    dir_fd=dst_dir,
+                    follow_symlinks=False,
+                )
+                os.replace(temp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
+            except BaseException:
+                _unlink_quietly(temp, dst_dir)
+                raise
+        self.files_done += 1
+        return True
+
+    # --- directories ------------------------------------------------------------------------
+
+    def _enter_dir(
+        self, frame: _CopyFrame, name: str, parts: tuple[str, ...], rel: str, *, with_target: bool
+    ) -> bool:
+        """Open ``name`` in the source (and, ``with_target``, create or open it in the
+        target) and push it on the walk; False when the source entry vanished meanwhile."""
+        try:
+            src = os.open(name, _DIR_FLAGS, dir_fd=frame.src_fd)
+        except OSError as exc:
+            if exc.errno in _SOURCE_CHANGED:
+                return False
+            raise
+        dst: int | None = None
+        try:
+            st = os.fstat(src)
+            entries = _sorted_entries(src)
+            if with_target:
+                assert frame.dst_fd is not None
+                dst = self._target_dir(frame.dst_fd, name)
+        except BaseException:
+            os.close(src)
+            raise
+        mode = stat.S_IMODE(st.st_mode) & 0o777
+        self.stack.append(
+            _CopyFrame(src, dst, rel, parts, entries, mode, (st.st_atime_ns, st.st_mtime_ns))
+        )
+        return True
+
+    def _target_dir(self, parent: int, name: str) -> int:
+        """Create (or, resuming, reopen) a target directory, writable by us until its
+        subtree is done (a read-only source directory must still be filled)."""
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+            created = True
+        except FileExistsError:
+            created = False
+        # O_NOFOLLOW: a symlink (or file) in the way fails with ELOOP/ENOTDIR, not followed.
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        try:
+            if created:
+                if self.owner:
+                    os.fchown(fd, *self.owner)
+            else:
+                _remove_stale_temps(fd)
+                current = stat.S_IMODE(os.fstat(fd).st_mode)
+                if current & 0o700 != 0o700:
+                    os.fchmod(fd, current | 0o700)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _leave(self, frame: _CopyFrame) -> None:
+        """Close a finished directory; in the target, set its final mode and mtime (after
+        its contents, whose creation changes the mtime)."""
+        try:
+            if frame.dst_fd is not None and frame.mode is not None:
+                os.fchmod(frame.dst_fd, frame.mode)
+                if frame.mtime_ns is not None:
+                    os.utime(frame.dst_fd, ns=frame.mtime_ns)
+        finally:
+            os.close(frame.src_fd)
+            if frame.dst_fd is not None:
+                os.close(frame.dst_fd)
+
+
+def _sorted_entries(fd: int) -> Iterator[os.DirEntry[str]]:
+    return iter(sorted(_list_dir(fd), key=lambda entry: entry.name))
+
+
+def _locate(top: int, rel: str) -> tuple[str, ...] | None:
+    """The components of ``rel`` if it names an entry the walk visits (not hidden, under no
+    link, a directory, regular file or symlink), else None: the source changed or ``rel``
+    never came from this walk."""
+    if not rel:
+        return None
+    parts = tuple(rel.split("/"))
+    if any(part in ("", ".", "..") or part.startswith(".") for part in parts):
+        return None
+    fd = os.dup(top)
+    try:
+        for part in parts[:-1]:
+            try:
+                sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in _SOURCE_CHANGED:
+                    return None
+                raise
+            os.close(fd)
+            fd = sub
+        try:
+            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in _SOURCE_CHANGED:
+                return None
+            raise
+    finally:
+        os.close(fd)
+    if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+        return parts
+    return None
+
+
+def _remove_stale_temps(dir_fd: int) -> None:
+    """Delete ``.uws-copy-*.part`` left in a target directory by an interrupted copy."""
+    for entry in _list_dir(dir_fd):
+        if _COPY_TEMP.fullmatch(entry.name):
+            _unlink_quietly(entry.name, dir_fd)
+
+
+def _same_file(dst_dir: int, name: str, st: os.stat_result) -> bool:
+    """Whether the target already holds this file: a regular file of the same size and
+    mtime (set from the source by a previous copy; rsync's quick check)."""
+    try:
+        existing = os.stat(name, dir_fd=dst_dir, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (
+        stat.S_ISREG(existing.st_mode)
+        and existing.st_size == st.st_size
+        and existing.st_mtime_ns == st.st_mtime_ns
+    )
+
+
+def _same_symlink(dst_dir: int, name: str, text: str) -> bool:
+    try:
+        return os.readlink(name, dir_fd=dst_dir) == text
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.EINVAL):  # missing, or not a symlink
+            return False
+        raise
+
+
+def _copy_data(src: int, dst: int) -> int:
+    """Copy ``src`` from its current offset to EOF into ``dst``; return the bytes copied.
+
+    copy_file_range first: the data never enters user space, and on file systems that
+    share extents (btrfs, xfs, NFS 4.2) it is a clone. Measured on ext4 here it was the
+    fastest of copy_file_range, sendfile and read/write (see bench/copy_throughput.py).
+    Falls back to sendfile, then read/write, where the kernel refuses."""
+    copied = 0
+    try:
+        while n := os.copy_file_range(src, dst, 1 << 30):
+            copied += n
+    except OSError as exc:
+        if exc.errno not in _NO_KERNEL_COPY or copied:
+            raise
+        return _sendfile_data(src, dst)
+    if copied == 0 and os.fstat(src).st_size > 0:
+        # Some pseudo file systems report 0 from copy_file_range although data exists.
+        return _read_write_data(src, dst)
+    return copied
+
+
+def _sendfile_data(src: int, dst: int) -> int:
+    copied = 0
+    try:
+        while n := os.sendfile(dst, src, None, 1 << 30):
+            copied += n
+    except OSError as exc:
+        if exc.errno not in _NO_KERNEL_COPY or copied:
+            raise
+        return _read_write_data(src, dst)
+    return copied
+
+
+def _read_write_data(src: int, dst: int) -> int:
+    copied = 0
+    while chunk := os.read(src, 1 << 20):
+        _write_all(dst, chunk)
+        copied += len(chunk)
+    return copied

@@ -17,7 +17,9 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 def test_histories_are_committed() -> None:
     names = {p.stem for p in HISTORIES}
     assert {"delete_workspace_ok", "delete_workspace_refused", "job_complete", "job_stopped",
-            "job_time_limit", "job_failed", "job_unreachable", "job_launch_retried"} <= names
+            "job_time_limit", "job_failed", "job_unreachable", "job_launch_retried",
+            "share_resumed_accepted", "share_failed", "share_expired",
+            "share_declined"} <= names
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

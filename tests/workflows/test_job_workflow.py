@@ -108,7 +108,7 @@ async def _run(client: Client, controllers, *, job_type: str = "local_test_job",
                    time_limit_min=time_limit_min, resource_options={"num_cpus": 2},
                    job_details={"duration_seconds": duration})
     async with Worker(client, task_queue=queue, workflows=WORKFLOWS,
-                      activities=activities_for(controllers)):
+                      activities=activities_for(controllers, client)):
         handle = await client.start_workflow(
             JobWorkflow.run, JobContinuation(inp=inp, state=JobRunState()),
             id=f"job-test-{uuid.uuid4()}", task_queue=queue)

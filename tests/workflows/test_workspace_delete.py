@@ -30,7 +30,7 @@ async def _workspace(path: str, storage: str) -> int:
 async def _run(client: Client, controllers, workspace_id: int, record_as: str):
     queue = f"delete-{uuid.uuid4()}"
     async with Worker(client, task_queue=queue, workflows=WORKFLOWS,
-                      activities=activities_for(controllers)):
+                      activities=activities_for(controllers, client)):
         handle = await client.start_workflow(
             DeleteWorkspaceWorkflow.run, DeleteWorkspaceInput(workspace_id=workspace_id),
             id=f"test-delete-{uuid.uuid4()}", task_queue=queue)

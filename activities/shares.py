@@ -1,0 +1,120 @@
+"""Activities of ``ShareWorkspaceWorkflow``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from datetime import timedelta
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from controllers.base import CopyProgress, ExternalAccount
+from controllers.errors import BackendError
+from controllers.notify.email import EmailRejected, Invitation
+from controllers.registry import Controllers
+from db import accounts, shares
+from db.queries import set_workspace_status_if
+from workflows.models import ShareCopyResult, ShareRef, WorkspaceStatusInput
+
+_HEARTBEAT_SECONDS = 2.0
+
+
+def _name(first: str, last: str, fallback: str) -> str:
+    return " ".join(p for p in (first, last) if p) or fallback
+
+
+class ShareActivities:
+    def __init__(self, controllers: Controllers) -> None:
+        self._c = controllers
+
+    async def _account(self, user_id: int, username: str) -> ExternalAccount:
+        auth_name = self._c.config.available_storage[self._c.config.main_storage] \
+            .user_authentication
+        account = await accounts.external_account(user_id, auth_name)
+        if account is None:
+            info = await accounts.user_info(user_id)
+            if info is None:
+                raise ApplicationError(f"user {username} is gone", non_retryable=True)
+            account = await self._c.auth[auth_name].ensure_external_account(info)
+            await accounts.save_external_account(user_id, auth_name, account)
+        return account
+
+    @activity.defn(name="copy_shared_workspace")
+    async def copy_shared_workspace(self, ref: ShareRef) -> ShareCopyResult:
+        """Copy, resuming after the last entry an earlier attempt reported."""
+        row = await shares.one(ref.shared_workspace_id)
+        if row is None:
+            raise ApplicationError("the share is gone", type="ShareGone", non_retryable=True)
+        storage = self._c.storage.get(row["s_storage"]) or self._c.main_storage
+        account = await self._account(row["s_user_id"], row["s_username"])
+        target = row["s_path"]
+        if not await asyncio.to_thread(os.path.isdir, target):
+            await storage.create_workspace(target, account)
+        details = activity.info().heartbeat_details
+        resume_after = str(details[0]) if details else ""
+        latest = CopyProgress(last_path=resume_after)
+
+        def record(progress: CopyProgress) -> None:
+            nonlocal latest
+            latest = progress
+            # The SDK throttles what it sends and keeps the newest details.
+            activity.heartbeat(progress.last_path, progress.files_done, progress.bytes_done)
+
+        async def beat() -> None:
+            while True:
+                activity.heartbeat(latest.last_path, latest.files_done, latest.bytes_done)
+                await asyncio.sleep(_HEARTBEAT_SECONDS)
+
+        ticker = asyncio.create_task(beat())
+        try:
+            done = await storage.copy_workspace(row["o_path"], target, account,
+                                                resume_after=resume_after, progress=record)
+        except BackendError as err:
+            raise ApplicationError(err.user_message, type="CopyRefused",
+                                   non_retryable=True) from err
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+        return ShareCopyResult(files=done.files_done, bytes=done.bytes_done)
+
+    @activity.defn(name="send_share_invitation")
+    async def send_share_invitation(self, ref: ShareRef) -> bool:
+        row = await shares.one(ref.shared_workspace_id)
+        if row is None:
+            return False
+        expiry = timedelta(days=self._c.config.sharing.expiry_days)
+        invitation = Invitation(
+            recipient_email=row["s_email"],
+            recipient_name=_name(row["s_first_name"], row["s_last_name"], row["s_username"]),
+            sharer_name=_name(row["o_first_name"], row["o_last_name"], row["o_username"]),
+            sharer_email=row["o_email"],
+            workspace_name=row["o_name"],
+            workspace_description=row["o_description"],
+            shared_workspace_id=ref.shared_workspace_id,
+            expires_at=row["datetime_share_created"] + expiry,
+        )
+        if not invitation.recipient_email:
+            return False
+        try:
+            return await self._c.notifier.send_invitation(invitation)
+        except (ValueError, EmailRejected) as err:
+            # Retrying cannot fix a refused message or an unusable address; the share
+            # stands without its e-mail.
+            activity.logger.warning("invitation for share %s not sent: %s",
+                                    ref.shared_workspace_id, err)
+            return False
+
+    @activity.defn(name="set_workspace_status")
+    async def set_workspace_status(self, inp: WorkspaceStatusInput) -> bool:
+        return await set_workspace_status_if(inp.workspace_id, inp.status, inp.reason,
+                                             inp.only_from)
+
+    def all(self) -> list[Any]:
+        return [self.copy_shared_workspace, self.send_share_invitation,
+                self.set_workspace_status]
+
+

@@ -1,0 +1,83 @@
+"""Activities of the scheduled upkeep workflows."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.heartbeat import heartbeating
+from controllers.registry import Controllers
+from db import jobs as job_rows
+from db import reads
+from db.queries import store_scan
+from workflows.models import ReconcileResult, UpkeepInput, UsageResult, job_workflow_id
+
+# A job row younger than this may not have its workflow yet (the API inserts, then starts).
+_GRACE = timedelta(minutes=2)
+
+
+class UpkeepActivities:
+    def __init__(self, controllers: Controllers, client: Client) -> None:
+        self._c = controllers
+        self._client = client
+
+    @activity.defn(name="rescan_all_workspaces")
+    async def rescan_all_workspaces(self, _: UpkeepInput) -> int:
+        rows = await reads.fetch(
+            "SELECT id, file_path, storage_name FROM uws_workspace "
+            "WHERE status IN ('idle', 'active') AND file_path <> '' ORDER BY id")
+        async with heartbeating():
+            for row in rows:
+                storage = self._c.storage.get(row["storage_name"]) or self._c.main_storage
+                await store_scan(row["id"], await storage.scan(row["file_path"]))
+        return len(rows)
+
+    @activity.defn(name="recompute_usage")
+    async def recompute_usage(self, _: UpkeepInput) -> UsageResult:
+        updated = await reads.fetch(
+            "UPDATE uws_user_quota q SET "
+            "used_disk_space = COALESCE((SELECT SUM(w.disk_space) FROM uws_workspace w "
+            'WHERE w."user" = q."user"), 0), '
+            "used_core_hours = COALESCE((SELECT SUM(j.core_hours) FROM uws_job j "
+            'WHERE j."user" = q."user" AND j.datetime_end IS NOT NULL), 0), '
+            "reserved_core_hours = COALESCE((SELECT SUM((j.job_details->'metrics'->>"
+            "'reserved_core_hours')::float8) FROM uws_job j "
+            'WHERE j."user" = q."user" AND j.datetime_end IS NULL), 0) RETURNING q.id')
+        return UsageResult(users=len(updated))
+
+    @activity.defn(name="reconcile_jobs")
+    async def reconcile_jobs(self, _: UpkeepInput) -> ReconcileResult:
+        rows = await reads.fetch(
+            "SELECT id FROM uws_job WHERE status IN ('pending', 'running', 'stopping') "
+            "AND datetime_end IS NULL AND datetime_created < now() - $1::interval ORDER BY id",
+            _GRACE)
+        failed: list[int] = []
+        async with heartbeating():
+            for row in rows:
+                reason = await self._workflow_gone(row["id"])
+                if reason:
+                    await job_rows.finalize(row["id"], "failed", 0.0, reason)
+                    failed.append(row["id"])
+        return ReconcileResult(checked=len(rows), marked_failed=failed)
+
+    async def _workflow_gone(self, job_id: int) -> str:
+        """Why the job's workflow cannot finish it any more, or "" while it can."""
+        try:
+            description = await self._client.get_workflow_handle(
+                job_workflow_id(job_id)).describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return "Its workflow no longer exists; marked failed by reconciliation."
+            raise
+        status = description.status
+        if status in (WorkflowExecutionStatus.RUNNING, WorkflowExecutionStatus.CONTINUED_AS_NEW):
+            return ""
+        name = status.name.lower() if status else "unknown"
+        return f"Its workflow ended ({name}) without finishing it; marked failed by reconciliation."
+
+    def all(self) -> list[Any]:
+        return [self.rescan_all_workspaces, self.recompute_usage, self.reconcile_jobs]

@@ -1,0 +1,228 @@
+"""``/shared_workspaces/``: share a copy of a workspace; recipients accept or decline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, delete, get, post, put
+from litestar.params import FromPath
+
+from api import workflow_ops
+from api.auth import AuthUser, current_user
+from api.body import json_body
+from api.errors import BadRequest, NotFound, PermissionDenied
+from api.ids import parse_id
+from api.serializers import iso, raw_json
+from api.state import AppState, app_state
+from controllers.base import ExternalAccount
+from db import accounts, shares
+from db.queries import as_json
+from db.tables import SharedWorkspaceMapping, User, Workspace
+
+_TRUE = {"true", "1", "yes", "True"}
+_FALSE = {"false", "0", "no", "False"}
+
+
+def _small_workspace(row: Any, p: str) -> dict[str, Any]:
+    return {
+        "id": row[f"{p}_id"],
+        "user_id": {"username": row[f"{p}_username"], "first_name": row[f"{p}_first_name"],
+                    "last_name": row[f"{p}_last_name"], "email": row[f"{p}_email"]},
+        "name": row[f"{p}_name"],
+        "description": row[f"{p}_description"],
+        "workspace_details": {"request_workspace_details": raw_json(row[f"{p}_request"]),
+                              "current_workspace_details": raw_json(row[f"{p}_current"])},
+    }
+
+
+def mapping_json(row: Any) -> dict[str, Any]:
+    return {
+        "original_workspace_id": _small_workspace(row, "o"),
+        "shared_workspace_id": _small_workspace(row, "s"),
+        "last_resource_options": raw_json(row["last_resource_options"]),
+        "last_job_type": row["last_job_type"],
+        "is_accepted": row["is_accepted"],
+        "datetime_share_created": iso(row["datetime_share_created"]),
+    }
+
+
+def _not_found(raw_id: Any) -> NotFound:
+    return NotFound(f"Shared workspace {raw_id} not found.")
+
+
+async def _listing(request: Request[Any, Any, Any], shared_id: int | None) -> dict[str, Any]:
+    user = current_user(request)
+    flag = request.query_params.get("is_accepted")
+    accepted = True if flag in _TRUE else False if flag in _FALSE else None
+    sent = await shares.mappings(sender=user.id, shared_workspace_id=shared_id,
+                                 is_accepted=accepted)
+    received = await shares.mappings(recipient=user.id, shared_workspace_id=shared_id,
+                                     is_accepted=accepted)
+    found = bool(sent or received)
+    return {
+        "success": True,
+        "message": "Successful." if found else
+        "Shared workspace matching given parameters could not be found.",
+        "data": {"original_workspaces": [mapping_json(r) for r in sent],
+                 "shared_workspaces": [mapping_json(r) for r in received]},
+    }
+
+
+class SharedWorkspaceRoutes(Controller):
+    path = "/shared_workspaces"
+    tags = ["shared workspaces"]
+
+    @get("/", operation_id="listSharedWorkspaces")
+    async def list_shares(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Shares the caller sent (``original_workspaces``) and received
+        (``shared_workspaces``), optionally filtered by ``is_accepted``."""
+        return await _listing(request, None)
+
+    @get("/{shared_workspace_id:str}/", operation_id="getSharedWorkspace")
+    async def get_share(
+        self, request: Request[Any, Any, Any], shared_workspace_id: FromPath[str]
+    ) -> dict[str, Any]:
+        """One share, named by the id of the copy (the recipient's workspace)."""
+        current_user(request)
+        sid = parse_id(shared_workspace_id)
+        return await _listing(request, sid if sid is not None else -1)
+
+    @post("/", status_code=200, operation_id="shareWorkspace")
+    async def create_share(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Share a copy of one of the caller's workspaces with each of ``shared_user_ids``;
+        the copies and the e-mail invitations are made in the background."""
+        state, user = app_state(request), current_user(request)
+        body = await json_body(request)
+        if not isinstance(body, dict) or "original_workspace_id" not in body \
+                or "shared_user_ids" not in body:
+            raise BadRequest("Missing required fields.")
+        raw_original = body["original_workspace_id"]
+        original = await _own_workspace(user, raw_original)
+        if original is None:
+            raise NotFound(f"Workspace {raw_original} not found for user.")
+        user_ids = body["shared_user_ids"]
+        if not isinstance(user_ids, list):
+            raise BadRequest("shared_user_ids is not a list.")
+        recipients = await _recipients(user_ids, user)
+        if original["status"] in ("deleting", "initializing", "error"):
+            raise BadRequest(f"Workspace {original['id']} is {original['status']} and cannot "
+                             "be shared.")
+        last_job = await shares.newest_job(original["id"])
+        created = []
+        for recipient in recipients:
+            created.append(await _share_with(state, original, recipient, last_job))
+        rows = [await shares.one(shared_id) for shared_id in created]
+        return {"success": True, "message": "Successful.",
+                "data": {"shared_workspaces": [mapping_json(r) for r in rows if r]}}
+
+    @put("/{shared_workspace_id:str}/{put_type:str}/", operation_id="acceptSharedWorkspace")
+    async def accept(
+        self, request: Request[Any, Any, Any], shared_workspace_id: FromPath[str],
+        put_type: FromPath[str],
+    ) -> dict[str, Any]:
+        """``accept``: the recipient takes the copy; it then lists among their workspaces."""
+        state, user = app_state(request), current_user(request)
+        if put_type != "accept":
+            raise BadRequest("Invalid PUT type passed.")
+        sid = parse_id(shared_workspace_id)
+        row = await shares.one(sid) if sid is not None else None
+        if row is None or row["s_user_id"] != user.id:
+            raise _not_found(shared_workspace_id)
+        await SharedWorkspaceMapping.update({SharedWorkspaceMapping.is_accepted: True}).where(
+            SharedWorkspaceMapping.shared_workspace == row["s_id"])
+        await workflow_ops.signal_share(state.temporal, row["s_id"], "accept")
+        return {"success": True, "message": "Successful."}
+
+    @delete("/{shared_workspace_id:str}/", status_code=200, operation_id="deleteShare")
+    async def delete_share(
+        self, request: Request[Any, Any, Any], shared_workspace_id: FromPath[str]
+    ) -> dict[str, Any]:
+        """Withdraw (sender) or decline (recipient) a share not yet accepted; its copy is
+        removed in the background."""
+        state, user = app_state(request), current_user(request)
+        sid = parse_id(shared_workspace_id)
+        row = await shares.one(sid) if sid is not None else None
+        if row is None:
+            raise _not_found(shared_workspace_id)
+        if user.id not in (row["s_user_id"], row["o_user_id"]):
+            raise PermissionDenied(
+                f"User does not have permissions for shared workspace {shared_workspace_id}.")
+        if row["is_accepted"]:
+            raise BadRequest(f"Shared workspace {shared_workspace_id} has been accepted and "
+                             "cannot be deleted.")
+        await Workspace.update({Workspace.status: "deleting",
+                                Workspace.status_reason: "Share withdrawn."}).where(
+            Workspace.id == row["s_id"])
+        if not await workflow_ops.signal_share(state.temporal, row["s_id"], "cancel_share"):
+            # The share's workflow has ended (its copy failed): delete the copy directly.
+            await workflow_ops.start_deletion(state.temporal, state.settings.task_queue,
+                                              row["s_id"])
+        return {"success": True,
+                "message": f"Shared workspace {shared_workspace_id} queued for deletion."}
+
+
+async def _own_workspace(user: AuthUser, raw_id: Any) -> dict[str, Any] | None:
+    """The caller's workspace named by ``raw_id`` (an int or a numeric string), unless it
+    is a copy they have not accepted yet."""
+    workspace_id = parse_id(str(raw_id)) if not isinstance(raw_id, bool) else None
+    if workspace_id is None:
+        return None
+    row = await Workspace.select().where(
+        (Workspace.id == workspace_id) & (Workspace.user == user.id)).first()
+    if row is None:
+        return None
+    pending = await shares.one(workspace_id)
+    return None if pending is not None and not pending["is_accepted"] else row
+
+
+async def _recipients(user_ids: list[Any], sharer: AuthUser) -> list[dict[str, Any]]:
+    ids: list[int] = []
+    for value in user_ids:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**63 \
+                or value == sharer.id:
+            raise BadRequest("Invalid user id provided.")
+        ids.append(value)
+    if not ids:
+        raise BadRequest("Invalid user id provided.")
+    rows = await User.select(User.id, User.username, User.email, User.first_name,
+                             User.last_name).where(User.id.is_in(ids) & User.is_active.eq(True))
+    by_id = {r["id"]: r for r in rows}
+    if set(ids) - set(by_id):
+        raise BadRequest("Invalid user id provided.")
+    return [by_id[i] for i in dict.fromkeys(ids)]
+
+
+async def _share_with(state: AppState, original: dict[str, Any], recipient: dict[str, Any],
+                      last_job: Any) -> int:
+    """Insert the copy's row (its path fixed now, once) and the mapping; start the copy."""
+    storage = state.controllers.storage.get(original["storage_name"]) or \
+        state.controllers.main_storage
+    account = await _account(state, recipient)
+    copy_id = (await Workspace.insert(Workspace(
+        user=recipient["id"], name=original["name"], description=original["description"],
+        storage_name=storage.name, default_job_type=original["default_job_type"],
+        request_workspace_details=as_json(original["request_workspace_details"]),
+        current_workspace_details={"files": [], "symlinks": []}, status="initializing",
+    )).returning(Workspace.id))[0]["id"]
+    await Workspace.update({Workspace.file_path: storage.workspace_path(account, copy_id)}) \
+        .where(Workspace.id == copy_id)
+    await SharedWorkspaceMapping.insert(SharedWorkspaceMapping(
+        original_workspace=original["id"], shared_workspace=copy_id,
+        last_resource_options=as_json(last_job["resource_options"]) if last_job else {},
+        last_job_type=last_job["job_type"] if last_job else None,
+    ))
+    await workflow_ops.start_share(state.temporal, state.settings.task_queue, copy_id,
+                                   original["id"], state.controllers.config.sharing.expiry_days)
+    return copy_id
+
+
+async def _account(state: AppState, recipient: dict[str, Any]) -> ExternalAccount:
+    auth_name = state.controllers.config.available_storage[
+        state.controllers.config.main_storage].user_authentication
+    account = await accounts.external_account(recipient["id"], auth_name)
+    if account is None:
+        info = await accounts.user_info(recipient["id"])
+        assert info is not None
+        account = await state.controllers.auth[auth_name].ensure_external_account(info)
+        await accounts.save_external_account(recipient["id"], auth_name, account)
+    return account

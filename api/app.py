@@ -12,21 +12,25 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from temporalio.client import Client
 
-from api.auth import AuthenticationMiddleware
+from api.auth import HEADER, AuthenticationMiddleware
 from api.errors import exception_handlers
 from api.live_status import JobEventBus
+from api.passthrough_relay import PassthroughRelay
 from api.routes.catalogue import CatalogueRoutes
 from api.routes.jobs import JobRoutes
 from api.routes.live import watch_job, watch_jobs
+from api.routes.passthrough import passthrough
 from api.routes.shares import SharedWorkspaceRoutes
 from api.routes.tokens import TokenRoutes
 from api.routes.users import UserRoutes
 from api.routes.workspaces import WorkspaceRoutes
+from api.session_activity import SessionActivity
 from api.slashes import AppendSlash
 from api.state import AppState
 from api.tokens_cache import TokenCache
 from controllers.registry import Controllers, build_controllers
 from core.config import load_config
+from core.secret_key import load_secret_key
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from db.engine import close_engine, open_engine
@@ -60,20 +64,26 @@ def create_app(
         client = temporal or await connect(settings)
         bus = JobEventBus(settings.database_url)
         await bus.start()
+        activity = SessionActivity()
+        await activity.start()
+        relay = PassthroughRelay(strip_request_headers=[HEADER])
         app.state.uws = AppState(
             settings=settings, controllers=controllers, temporal=client, bus=bus,
+            relay=relay, activity=activity, secret_key=load_secret_key(settings),
             token_cache=TokenCache(ttl_seconds=settings.token_cache_seconds),
         )
         try:
             yield
         finally:
+            await relay.aclose()
+            await activity.stop()
             await bus.stop()
             await close_engine(engine)
 
     return AppendSlash(Litestar(
         route_handlers=[TokenRoutes, WorkspaceRoutes, JobRoutes, CatalogueRoutes, UserRoutes,
                         SharedWorkspaceRoutes,
-                        watch_job, watch_jobs,
+                        watch_job, watch_jobs, passthrough,
                         *extra_handlers],
         middleware=[AuthenticationMiddleware],
         exception_handlers=exception_handlers(),

@@ -9,6 +9,8 @@ from litestar import Request
 from temporalio.client import Client
 
 from api.live_status import JobEventBus
+from api.passthrough_relay import PassthroughRelay
+from api.session_activity import SessionActivity
 from api.tokens_cache import TokenCache
 from controllers.registry import Controllers
 from core.settings import Settings
@@ -20,6 +22,9 @@ class AppState:
     controllers: Controllers
     temporal: Client
     bus: JobEventBus
+    relay: PassthroughRelay
+    activity: SessionActivity
+    secret_key: bytes
     token_cache: TokenCache = field(default_factory=TokenCache)
 
 

@@ -42,6 +42,15 @@ class Settings(BaseSettings):
         5.0, description="How long an API process trusts a token lookup before asking again."
     )
 
+    secret_key: str | None = Field(
+        None, description="Signs passthrough tickets and cookies; unset: a key generated "
+                          "once under data_dir."
+    )
+    ticket_seconds: float = Field(300.0, description="How long a session link stays usable.")
+    session_cookie_seconds: float = Field(
+        12 * 3600.0, description="How long the passthrough cookie of a session lasts."
+    )
+
     @property
     def resolved_temporal_address(self) -> str:
         return self.temporal_address or "127.0.0.1:7233"

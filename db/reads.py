@@ -1,4 +1,4 @@
-"""Hot-path reads in plain SQL on the engine's asyncpg pool.
+"""Hot-path statements in plain SQL on a few leased connections.
 
 Every authenticated request resolves a token and most read a row or a list; building
 these through the ORM cost several times the database's own time (measured by
@@ -8,6 +8,7 @@ statement cache doing the rest. Writes stay in Piccolo.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from db.read_connections import ReadConnections
@@ -75,3 +76,30 @@ async def fetch(sql: str, *args: Any) -> list[Any]:
 
 async def fetchrow(sql: str, *args: Any) -> Any | None:
     return await _pool().fetchrow(sql, *args)
+
+
+async def spend_ticket(nonce: str, ttl_seconds: float) -> bool:
+    """Record a ticket as used; ``False`` if it was used before (tickets work once)."""
+    row = await fetchrow(
+        "INSERT INTO uws_spent_ticket (nonce, expires) VALUES ($1, now() + $2::interval) "
+        "ON CONFLICT (nonce) DO NOTHING RETURNING id", nonce, timedelta(seconds=ttl_seconds))
+    return row is not None
+
+
+async def record_session_activity(stamps: dict[int, float]) -> None:
+    """Write ``job_details.metrics.last_activity`` (unix seconds) for many jobs at once."""
+    await fetch(
+        "UPDATE uws_job j SET job_details = jsonb_set(j.job_details, "
+        "'{metrics,last_activity}', to_jsonb(s.stamp)) "
+        "FROM unnest($1::bigint[], $2::float8[]) AS s(id, stamp) "
+        "WHERE j.id = s.id AND j.datetime_end IS NULL",
+        list(stamps), list(stamps.values()))
+
+
+async def last_session_activity(job_id: int) -> float | None:
+    row = await fetchrow(
+        "SELECT (job_details->'metrics'->>'last_activity')::float8 AS stamp, "
+        "extract(epoch FROM datetime_start) AS started FROM uws_job WHERE id = $1", job_id)
+    if row is None:
+        return None
+    return row["stamp"] or (float(row["started"]) if row["started"] is not None else None)

@@ -142,6 +142,14 @@ class SharedWorkspaceMapping(Table, tablename="uws_shared_workspace_mapping"):
     datetime_share_created = Timestamptz(default=TimestamptzNow())
 
 
+class SpentTicket(Table, tablename="uws_spent_ticket"):
+    """Passthrough tickets already exchanged for a cookie: each works once."""
+
+    id = BigSerial(primary_key=True)
+    nonce = Varchar(length=64, unique=True)
+    expires = Timestamptz(index=True)
+
+
 ALL_TABLES: list[type[Table]] = [
     User,
     GroupMembership,
@@ -151,4 +159,5 @@ ALL_TABLES: list[type[Table]] = [
     Job,
     UserQuota,
     SharedWorkspaceMapping,
+    SpentTicket,
 ]

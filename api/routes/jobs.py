@@ -14,6 +14,7 @@ from api.errors import BadRequest, NotFound
 from api.ids import parse_id
 from api.job_timeline import job_timeline
 from api.serializers import job_json
+from api.session_links import with_ticket
 from api.state import app_state
 from db import jobs as job_rows
 from db import quotas
@@ -30,8 +31,10 @@ def _not_found(job_id: Any) -> NotFound:
     return NotFound(f"Job {job_id} not found for user.")
 
 
-def _listing(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    jobs = [job_json(r) for r in rows]
+def _listing(request: Request[Any, Any, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    state, user = app_state(request), current_user(request)
+    jobs = [with_ticket(job_json(r), user.id, state.secret_key, state.settings.ticket_seconds)
+            for r in rows]
     message = "Successful." if jobs else "Job matching given parameters could not be found."
     return {"success": True, "message": message, "data": {"jobs": jobs}}
 
@@ -71,7 +74,7 @@ class JobRoutes(Controller):
         """The caller's jobs, filtered by ``workspace_id``, ``resource_job_id``,
         ``job_type``, ``status``."""
         query = _filtered(request, current_user(request))
-        return _listing(await query if query is not None else [])
+        return _listing(request, await query if query is not None else [])
 
     @get("/{job_id:str}/", operation_id="getJob")
     async def get_job(
@@ -80,7 +83,7 @@ class JobRoutes(Controller):
         """One of the caller's jobs, in the listing's shape."""
         jid = parse_id(job_id)
         query = _filtered(request, current_user(request), jid) if jid is not None else None
-        return _listing(await query if query is not None else [])
+        return _listing(request, await query if query is not None else [])
 
     @get("/{job_id:str}/events/", operation_id="getJobEvents")
     async def job_events(

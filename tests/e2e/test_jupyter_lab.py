@@ -1,18 +1,20 @@
 """A real JupyterLab started through the API reaches "Webserver ready." with connection
-details that answer HTTP; stopping the job ends it."""
+details that answer HTTP, directly and through the authenticated passthrough; only its
+owner passes, only while it runs."""
 
 from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
 from tests.api.test_jobs import wait_status
 from tests.api.test_workspaces import create
-from tests.conftest import eventually
+from tests.conftest import eventually, make_user_token
 
 
-@pytest.mark.slow
-async def test_jupyter_lab_session(client, auth) -> None:
+async def start_lab(client, auth) -> tuple[int, dict]:  # noqa: ANN001
     ws = await create(client, auth, workspace_details={
         "files": [{"name": "hello.py", "content": "print('hi')"}]})
     r = await client.put(f"/workspaces/{ws['id']}/start/", headers=auth,
@@ -27,23 +29,61 @@ async def test_jupyter_lab_session(client, auth) -> None:
         details = job["job_details"]["current_job_details"]
         return details if details.get("message") == "Webserver ready." else None
 
-    details = await eventually(ready, timeout=120, interval=0.5)
+    return job_id, await eventually(ready, timeout=120, interval=0.5)
+
+
+@pytest.mark.slow
+async def test_jupyter_lab_session_and_passthrough(
+    client, auth, server_url, api_client_key
+) -> None:
+    job_id, details = await start_lab(client, auth)
     proxy = details["proxy_details"]
     connection = details["connection_details"]
-    assert connection["url_path"].startswith(f"/passthrough/{proxy['hostname']}/{job_id}/")
-    token = connection["url_path"].split("token=")[1]
-    base = f"http://{proxy['hostname']}:{proxy['port']}{proxy['path']}"
-    async with httpx.AsyncClient() as direct:
-        r = await direct.get(base + "api/contents/", params={"token": token})
+    url = urlsplit(connection["url_path"])
+    assert url.path == f"/passthrough/{proxy['hostname']}/{job_id}/lab"
+    query = parse_qs(url.query)
+    token, ticket = query["token"][0], query["uws_ticket"][0]
+    direct = f"http://{proxy['hostname']}:{proxy['port']}{proxy['path']}"
+    async with httpx.AsyncClient() as session:
+        r = await session.get(direct + "api/contents/", params={"token": token})
         assert r.status_code == 200
         assert "hello.py" in {item["name"] for item in r.json()["content"]}
     async with httpx.AsyncClient() as stranger:  # no token, no cookie from the above
-        assert (await stranger.get(base + "api/contents/")).status_code == 403
+        assert (await stranger.get(direct + "api/contents/")).status_code == 403
+
+    base = f"{server_url}{proxy['path']}"
+    # An API client passes with its header; the header never reaches the session.
+    r = await client.get(base + "api/status", params={"token": token}, headers=auth)
+    assert r.status_code == 200, r.text
+    # A browser: the ticketed link sets a cookie scoped to the session and redirects.
+    async with httpx.AsyncClient(base_url=server_url) as browser:
+        r = await browser.get(connection["url_path"])
+        assert r.status_code == 302
+        assert "uws_ticket" not in r.headers["location"]
+        assert "HttpOnly" in r.headers["set-cookie"]
+        assert f"Path={proxy['path']}" in r.headers["set-cookie"]
+        r = await browser.get(r.headers["location"], follow_redirects=True)
+        assert r.status_code == 200 and "JupyterLab" in r.text
+        # The cookie now opens the session's API, no header needed.
+        r = await browser.get(f"{proxy['path']}api/contents/", params={"token": token})
+        assert r.status_code == 200
+    async with httpx.AsyncClient(base_url=server_url) as thief:
+        r = await thief.get(connection["url_path"])  # the same link, already used
+        assert r.status_code == 403
+        r = await thief.get(f"{proxy['path']}api/status")  # no credentials at all
+        assert r.status_code == 401
+    other = {"UWS-Authorization": f"Token {await make_user_token(client, api_client_key)}"}
+    r = await client.get(base + "api/status", headers=other)
+    assert r.status_code == 404
+    r = await client.get(f"/passthrough/10.0.0.1/{job_id}/api/status", headers=auth)
+    assert r.status_code == 403  # not the host it registered: never connected to
 
     r = await client.put(f"/jobs/{job_id}/stop/", headers=auth)
     assert r.status_code == 200
     done = await wait_status(client, auth, job_id, "complete", "failed", timeout=60)
     assert done["status"] == "complete"
-    async with httpx.AsyncClient() as direct:
+    r = await client.get(base + "api/status", headers=auth)
+    assert r.status_code == 403
+    async with httpx.AsyncClient() as session:
         with pytest.raises(httpx.ConnectError):
-            await direct.get(base + "api/status", params={"token": token})
+            await session.get(direct + "api/status", params={"token": token})

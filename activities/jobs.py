@@ -7,19 +7,21 @@ import asyncio
 import contextlib
 import os
 import stat
+import time
 from typing import Any
 
 from temporalio import activity
 
 from controllers.base import ExternalAccount, JobContext, LaunchRequest
 from controllers.registry import Controllers
-from db import accounts
+from db import accounts, reads
 from db import jobs as job_rows
 from db.queries import workspace_location
 from workflows.models import (
     ConnectionInput,
     ConnectionResult,
     FinalizeInput,
+    IdleCheck,
     JobInput,
     JobStatusUpdate,
     LaunchInput,
@@ -129,13 +131,20 @@ class JobActivities:
             event=update.event,
         )
 
+    @activity.defn(name="session_idle_seconds")
+    async def session_idle_seconds(self, inp: IdleCheck) -> float:
+        """Seconds since the session was last used through the passthrough (or started)."""
+        stamp = await reads.last_session_activity(inp.job_id)
+        return 0.0 if stamp is None else max(time.time() - stamp, 0.0)
+
     @activity.defn(name="finalize_job")
     async def finalize_job(self, inp: FinalizeInput) -> None:
         await job_rows.finalize(inp.job_id, inp.status, inp.core_hours, inp.detail)
 
     def all(self) -> list:
         return [self.prepare_job, self.launch_job, self.watch_job, self.stop_job,
-                self.job_connection, self.record_job_status, self.finalize_job]
+                self.job_connection, self.record_job_status, self.session_idle_seconds,
+                self.finalize_job]
 
 
 def _make_job_dir(workdir: str, account: ExternalAccount) -> None:

@@ -80,6 +80,7 @@ async def start_job(
         job_id=job["id"], user_id=user.id, workspace_id=workspace["id"], job_type=job_type,
         resource_name=resource, time_limit_min=time_limit, resource_options=options,
         job_details=job_details, reserved_core_hours=reserve,
+        idle_timeout_min=state.controllers.job_types[job_type].idle_timeout_min(resource),
     )
     try:
         await state.temporal.start_workflow(

@@ -305,6 +305,10 @@ class JobType(Plugin):
     def default_time_limit_min(self, resource_name: str) -> int | None:
         return getattr(self.settings_for(resource_name), "time_limit_min", None)
 
+    def idle_timeout_min(self, resource_name: str) -> float | None:
+        """Stop the job after this long without passthrough activity (``None``: never)."""
+        return getattr(self.settings_for(resource_name), "idle_timeout_minutes", None)
+
     @abstractmethod
     def script(self, ctx: JobContext) -> str:
         """The shell script the resource runs for this job (run in ``ctx.workdir``)."""

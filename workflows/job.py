@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         ExtendRequest,
         ExtendResult,
         FinalizeInput,
+        IdleCheck,
         JobContinuation,
         JobInput,
         JobRunState,
@@ -56,6 +57,11 @@ _MAX_UNKNOWN_BACKOFF = 60.0
 # A watch heartbeats every few seconds; a worker that died mid-watch is noticed after this.
 _WATCH_HEARTBEAT = timedelta(seconds=15)
 _LOOPS_BEFORE_CONTINUE = 200
+
+
+def _idle_check_every(timeout_min: float) -> float:
+    """How often an idle-stopping session is checked: a few times per timeout."""
+    return min(max(timeout_min * 60 / 4, 1.0), 60.0)
 
 
 @workflow.defn
@@ -157,6 +163,8 @@ class JobWorkflow:
             if st.stop_requested or self._remaining() <= 0:
                 return await self._stop()
             chunk = min(self._remaining(), _WATCH_CHUNK_SECONDS)
+            if inp.idle_timeout_min and self.status == "running":
+                chunk = min(chunk, _idle_check_every(inp.idle_timeout_min))
             if (self.status == "running" and not st.connection_known
                     and inp.job_details.get("interactive")):
                 chunk = min(chunk, connection_backoff)
@@ -184,6 +192,8 @@ class JobWorkflow:
                     and inp.job_details.get("interactive")):
                 connection_backoff = min(connection_backoff * 1.5, 10.0)
                 await self._learn_connection()
+            if inp.idle_timeout_min and self.status == "running":
+                await self._stop_if_idle(inp.idle_timeout_min)
         # Bounded history: carry the whole state into a fresh run.
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(JobContinuation(inp=inp, state=st))
@@ -229,6 +239,14 @@ class JobWorkflow:
                 job_id=inp.job_id, status="running",
                 current_job_details=found.current_job_details, event="session ready",
             ))
+
+    async def _stop_if_idle(self, timeout_min: float) -> None:
+        idle: float = await workflow.execute_activity(
+            "session_idle_seconds", IdleCheck(job_id=self._inp.job_id), result_type=float,
+            start_to_close_timeout=_QUICK, retry_policy=_RETRY_FOREVER)
+        if idle >= timeout_min * 60 and not self.state.stop_requested:
+            self.state.stop_requested = True
+            self.state.stop_reason = f"Stopped after {timeout_min:g} minutes without activity."
 
     async def _stop(self) -> tuple[str, float, str]:
         inp, st = self._inp, self.state

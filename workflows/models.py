@@ -93,6 +93,7 @@ class JobInput:
     resource_options: dict = field(default_factory=dict)
     job_details: dict = field(default_factory=dict)
     reserved_core_hours: float = 0.0
+    idle_timeout_min: float | None = None
 
 
 @dataclass
@@ -188,6 +189,11 @@ class JobStatusUpdate:
     core_hours: float | None = None
     current_job_details: dict | None = None
     event: str = ""
+
+
+@dataclass
+class IdleCheck:
+    job_id: int
 
 
 @dataclass

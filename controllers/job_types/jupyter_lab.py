@@ -109,6 +109,8 @@ class JupyterLabJob(JobType):
         python: str = ""
         time_limit_min: int | None = 60
         extra_args: list[str] = Field(default_factory=list)
+        # Stop a session nobody has used through the passthrough for this long (off: None).
+        idle_timeout_minutes: float | None = Field(default=None, gt=0)
 
     def script(self, ctx: JobContext) -> str:
         settings = cast(JupyterLabJob.Settings, self.settings_for(ctx.resource_name))

@@ -4,17 +4,19 @@ owner passes, only while it runs."""
 
 from __future__ import annotations
 
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
+from db import reads
 from tests.api.test_jobs import wait_status
 from tests.api.test_workspaces import create
 from tests.conftest import eventually, make_user_token
 
 
-async def start_lab(client, auth) -> tuple[int, dict]:  # noqa: ANN001
+async def start_lab(client, auth) -> tuple[int, dict]:
     ws = await create(client, auth, workspace_details={
         "files": [{"name": "hello.py", "content": "print('hi')"}]})
     r = await client.put(f"/workspaces/{ws['id']}/start/", headers=auth,
@@ -34,7 +36,7 @@ async def start_lab(client, auth) -> tuple[int, dict]:  # noqa: ANN001
 
 @pytest.mark.slow
 async def test_jupyter_lab_session_and_passthrough(
-    client, auth, server_url, api_client_key
+    client, auth, server_url, api_client_key, app
 ) -> None:
     job_id, details = await start_lab(client, auth)
     proxy = details["proxy_details"]
@@ -42,7 +44,8 @@ async def test_jupyter_lab_session_and_passthrough(
     url = urlsplit(connection["url_path"])
     assert url.path == f"/passthrough/{proxy['hostname']}/{job_id}/lab"
     query = parse_qs(url.query)
-    token, ticket = query["token"][0], query["uws_ticket"][0]
+    token = query["token"][0]
+    assert query["uws_ticket"][0].startswith("t1.")
     direct = f"http://{proxy['hostname']}:{proxy['port']}{proxy['path']}"
     async with httpx.AsyncClient() as session:
         r = await session.get(direct + "api/contents/", params={"token": token})
@@ -77,6 +80,12 @@ async def test_jupyter_lab_session_and_passthrough(
     assert r.status_code == 404
     r = await client.get(f"/passthrough/10.0.0.1/{job_id}/api/status", headers=auth)
     assert r.status_code == 403  # not the host it registered: never connected to
+
+    # The passthrough's traffic is the session's liveness, recorded on the job.
+    await app.app.state.uws.activity.flush()
+    row = await reads.fetchrow("SELECT (job_details->'metrics'->>'last_activity')::float8 AS s "
+                               "FROM uws_job WHERE id = $1", job_id)
+    assert row["s"] is not None and abs(time.time() - row["s"]) < 60
 
     r = await client.put(f"/jobs/{job_id}/stop/", headers=auth)
     assert r.status_code == 200

@@ -187,3 +187,21 @@ async def test_launch_retried_after_crash_starts_one_process(
     assert CrashAfterLaunch.attempts == 2
     assert result == "complete" and row["status"] == "complete"
     assert (workdir / "test_job_output.txt").read_text().count("started") == 1
+
+
+async def test_idle_session_is_stopped_with_its_reason(temporal_env, controllers, engine) -> None:
+    user_id, ws, job_id, _ = await _job(controllers)
+    queue = f"job-idle-{uuid.uuid4()}"
+    inp = JobInput(job_id=job_id, user_id=user_id, workspace_id=ws, job_type="local_test_job",
+                   resource_name=controllers.config.main_resource, time_limit_min=10,
+                   job_details={"duration_seconds": 600}, idle_timeout_min=0.05)
+    client = temporal_env.client
+    async with Worker(client, task_queue=queue, workflows=WORKFLOWS,
+                      activities=activities_for(controllers, client)):
+        handle = await client.start_workflow(
+            JobWorkflow.run, JobContinuation(inp=inp, state=JobRunState()),
+            id=f"job-test-{uuid.uuid4()}", task_queue=queue)
+        assert await handle.result() == "complete"
+        await maybe_record(handle, "job_idle_stopped")
+    row = await Job.select(Job.job_details).where(Job.id == job_id).first()
+    assert "Stopped after 0.05 minutes without activity." in row["job_details"]

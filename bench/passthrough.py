@@ -1,0 +1,325 @@
+"""The passthrough relay against a direct connection to the same upstream.
+
+Starts two processes: an upstream (``GET /passthrough/h/1/small``: 100 bytes,
+``GET /passthrough/h/1/big``: 100 MB streamed, a WebSocket echo at ``/passthrough/h/1/ws``)
+and a relay (:class:`api.passthrough_relay.PassthroughRelay` with that upstream fixed: the
+real app's access checks are not part of this measurement). Then measures, direct and
+through the relay: requests/s of the small response (``wrk``), MB/s of the big download
+(an httpx streaming client, 3 runs alternated, best), and WebSocket echo round trips (2000
+sequential messages of 100 bytes, p50/p99). Targets are printed, not asserted; any error
+(non-2xx, socket error, wrong size or echo) exits non-zero.
+
+    .venv/bin/python bench/passthrough.py [--duration 10] [--connections 16] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+BASE = "/passthrough/h/1/"
+SMALL_BODY = b'{"success": true, "message": "' + b"x" * 68 + b'"}'  # 100 bytes
+BIG_SIZE = 100 * 1000 * 1000
+CHUNK = b"\xa5" * (64 * 1024)
+DOWNLOAD_RUNS = 3
+WS_MESSAGES = 2000
+WS_WARMUP = 100
+WS_PAYLOAD = "m" * 100
+WARMUP_SECONDS = 2
+
+ASGIApp = Callable[..., Any]
+
+
+# --- the two servers (child processes) ----------------------------------------------------
+
+async def upstream_app(scope: dict[str, Any], receive: Callable[..., Any],
+                       send: Callable[..., Any]) -> None:
+    if scope["type"] == "http":
+        if scope["path"] == BASE + "big":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/octet-stream"),
+                                    (b"content-length", str(BIG_SIZE).encode())]})
+            sent = 0
+            while sent < BIG_SIZE:
+                chunk = CHUNK[: BIG_SIZE - sent]
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sent += len(chunk)
+            await send({"type": "http.response.body", "body": b""})
+            return
+        found = scope["path"] == BASE + "small"
+        body = SMALL_BODY if found else b"not found"
+        await send({"type": "http.response.start", "status": 200 if found else 404,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+    elif scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await send({"type": "websocket.send", "text": message.get("text"),
+                        "bytes": message.get("bytes")})
+
+
+def relay_app(upstream_port: int) -> ASGIApp:
+    from api.passthrough_relay import PassthroughRelay, Upstream
+
+    relay = PassthroughRelay()
+    upstream = Upstream(HOST, upstream_port)
+
+    async def app(scope: dict[str, Any], receive: Callable[..., Any],
+                  send: Callable[..., Any]) -> None:
+        if scope["type"] == "http":
+            await relay.http(scope, receive, send, upstream)
+        elif scope["type"] == "websocket":
+            await relay.websocket(scope, receive, send, upstream)
+        elif scope["type"] == "lifespan":  # close the pooled connections on the way out
+            await receive()  # lifespan.startup
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            await relay.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+
+    return app
+
+
+def serve(app: ASGIApp, port: int) -> None:
+    import uvicorn
+
+    # Same defaults as the real API (uvloop, httptools when installed), minus the access log.
+    uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False)
+
+
+# --- measurements -------------------------------------------------------------------------
+
+@dataclass
+class Side:
+    label: str
+    port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://{HOST}:{self.port}{BASE}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://{HOST}:{self.port}{BASE}ws"
+
+
+@dataclass
+class Result:
+    rps: float = 0.0
+    http_p50_ms: float = 0.0
+    http_p99_ms: float = 0.0
+    mb_s: float = 0.0
+    mb_s_runs: tuple[float, ...] = ()
+    ws_p50_ms: float = 0.0
+    ws_p99_ms: float = 0.0
+
+
+def measure_small(wrk: str, side: Side, args: argparse.Namespace, result: Result) -> None:
+    parse_wrk = wrk_helpers().parse_wrk
+
+    def run(seconds: int) -> Any:
+        cmd = [wrk, "-t", str(args.threads), "-c", str(args.connections), "-d", f"{seconds}s",
+               "--latency", side.http + "small"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+        parsed = parse_wrk(done.stdout)
+        if parsed.errors:
+            raise RuntimeError(f"{side.label}: wrk saw {parsed.errors} errors:\n{done.stdout}")
+        return parsed
+
+    run(WARMUP_SECONDS)
+    parsed = run(args.duration)
+    result.rps, result.http_p50_ms, result.http_p99_ms = (parsed.rps, parsed.p50_ms,
+                                                          parsed.p99_ms)
+
+
+async def download_mb_s(url: str) -> float:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+        started = time.perf_counter()
+        received = 0
+        async with client.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"GET {url} answered {response.status_code}")
+            async for chunk in response.aiter_raw():
+                received += len(chunk)
+        elapsed = time.perf_counter() - started
+    if received != BIG_SIZE:
+        raise RuntimeError(f"GET {url}: {received} bytes instead of {BIG_SIZE}")
+    return BIG_SIZE / elapsed / 1e6
+
+
+async def ws_round_trips_ms(url: str) -> list[float]:
+    from websockets.asyncio.client import connect
+
+    times: list[float] = []
+    async with connect(url, compression=None, proxy=None) as ws:
+        for n in range(WS_WARMUP + WS_MESSAGES):
+            started = time.perf_counter_ns()
+            await ws.send(WS_PAYLOAD)
+            echoed = await ws.recv()
+            if n >= WS_WARMUP:
+                times.append((time.perf_counter_ns() - started) / 1e6)
+            if echoed != WS_PAYLOAD:
+                raise RuntimeError(f"{url}: the echo differs from what was sent")
+    return times
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+async def measure_async(sides: tuple[Side, ...], results: dict[str, Result]) -> None:
+    # Alternated (A B A B A B): a neighbour's load burst hits both sides alike. Best of 3:
+    # other processes can only slow a run down.
+    runs: dict[str, list[float]] = {side.label: [] for side in sides}
+    for _ in range(DOWNLOAD_RUNS):
+        for side in sides:
+            runs[side.label].append(await download_mb_s(side.http + "big"))
+    for side in sides:
+        result = results[side.label]
+        result.mb_s_runs = tuple(runs[side.label])
+        result.mb_s = max(runs[side.label])
+        times = await ws_round_trips_ms(side.ws)
+        result.ws_p50_ms, result.ws_p99_ms = percentile(times, 50), percentile(times, 99)
+
+
+# --- orchestration ------------------------------------------------------------------------
+
+def wrk_helpers() -> ModuleType:
+    """``bench/api_throughput.py`` (wrk install and parsing, free ports), run as a script
+    (``bench/`` first on ``sys.path``) or as ``python -m bench.passthrough``."""
+    try:
+        from bench import api_throughput
+    except ModuleNotFoundError:
+        import api_throughput  # type: ignore[no-redef]
+    return api_throughput
+
+
+@contextlib.contextmanager
+def child(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    from core.devstack import stop_process, wait_for_port
+
+    with log.open("ab") as out:
+        # Own session: Ctrl-C reaches only us, and we stop the child ourselves.
+        proc = subprocess.Popen([sys.executable, "-m", "bench.passthrough", *args],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_for_port(HOST, port, timeout=30, proc=proc, what=" ".join(args[:1]))
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+def print_report(direct: Result, relayed: Result, args: argparse.Namespace) -> None:
+    rows = [
+        ("small GET req/s (wrk)", direct.rps, relayed.rps, "{:.0f}"),
+        ("small GET p50 ms", direct.http_p50_ms, relayed.http_p50_ms, "{:.2f}"),
+        ("small GET p99 ms", direct.http_p99_ms, relayed.http_p99_ms, "{:.2f}"),
+        ("100 MB download MB/s (best of 3)", direct.mb_s, relayed.mb_s, "{:.0f}"),
+        ("WebSocket echo p50 ms", direct.ws_p50_ms, relayed.ws_p50_ms, "{:.3f}"),
+        ("WebSocket echo p99 ms", direct.ws_p99_ms, relayed.ws_p99_ms, "{:.3f}"),
+    ]
+    print(f"\n{'measure':<32} {'direct':>10} {'relay':>10}")
+    for label, a, b, fmt in rows:
+        print(f"{label:<32} {fmt.format(a):>10} {fmt.format(b):>10}")
+    for label, result in (("direct", direct), ("relay", relayed)):
+        print(f"  {label} download runs MB/s: "
+              f"{', '.join(f'{v:.0f}' for v in result.mb_s_runs)} "
+              f"(median {statistics.median(result.mb_s_runs):.0f})")
+    rps_ratio = relayed.rps / direct.rps
+    mb_ratio = relayed.mb_s / direct.mb_s
+    added_p50 = relayed.ws_p50_ms - direct.ws_p50_ms
+    added_p99 = relayed.ws_p99_ms - direct.ws_p99_ms
+    print(f"\nrelay/direct small req/s: {rps_ratio:.2f}   (target >= 0.70: "
+          f"{'met' if rps_ratio >= 0.7 else 'NOT met'})")
+    print(f"relay/direct download MB/s: {mb_ratio:.2f}   (target >= 0.70: "
+          f"{'met' if mb_ratio >= 0.7 else 'NOT met'})")
+    print(f"WebSocket added latency: p50 {added_p50:+.3f} ms (target < 1 ms: "
+          f"{'met' if added_p50 < 1 else 'NOT met'}), p99 {added_p99:+.3f} ms")
+    print(f"\nwrk: {args.connections} connections, {args.threads} threads, "
+          f"{args.duration} s after {WARMUP_SECONDS} s warm-up; {os.cpu_count()} CPUs shared "
+          "by wrk, the upstream and the relay (one uvicorn process each).")
+    print("Relay: PassthroughRelay with the upstream fixed; the real app's routing, "
+          "authentication and access checks are not part of this measurement.")
+
+
+def run(args: argparse.Namespace) -> int:
+    helpers = wrk_helpers()
+    wrk = helpers.ensure_wrk()
+    upstream_port = args.upstream_port or helpers.free_port()
+    relay_port = args.relay_port or helpers.free_port()
+    with tempfile.TemporaryDirectory(prefix="uws-bench-") as tmp:
+        log = Path(tmp) / "servers.log"
+        try:
+            with (child(["serve-upstream", "--port", str(upstream_port)], upstream_port, log),
+                  child(["serve-relay", "--port", str(relay_port),
+                         "--upstream-port", str(upstream_port)], relay_port, log)):
+                sides = (Side("direct", upstream_port), Side("relay", relay_port))
+                results = {side.label: Result() for side in sides}
+                for side in sides:
+                    print(f"{side.label}: wrk on the small response ...", flush=True)
+                    measure_small(wrk, side, args, results[side.label])
+                print("downloads (direct and relay alternated), WebSocket echoes ...",
+                      flush=True)
+                asyncio.run(measure_async(sides, results))
+        except Exception:
+            tail = log.read_text(errors="replace").splitlines()[-30:] if log.exists() else []
+            print("--- last lines of the servers' log", *tail, sep="\n", file=sys.stderr)
+            raise
+        print_report(results["direct"], results["relay"], args)
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    upstream = sub.add_parser("serve-upstream", help="(internal) the upstream server")
+    upstream.add_argument("--port", type=int, required=True)
+    relay = sub.add_parser("serve-relay", help="(internal) the relay server")
+    relay.add_argument("--port", type=int, required=True)
+    relay.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--duration", type=int, default=10, help="seconds of wrk per side")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--upstream-port", type=int, default=0, help="default: a free one")
+    parser.add_argument("--relay-port", type=int, default=0, help="default: a free one")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.command == "serve-upstream":
+        serve(upstream_app, args.port)
+        return 0
+    if args.command == "serve-relay":
+        serve(relay_app(args.upstream_port), args.port)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,4 +31,6 @@ async def json_object(request: Request[Any, Any, Any], *, empty_message: str) ->
 
 def query_filters(request: Request[Any, Any, Any], allowed: tuple[str, ...]) -> dict[str, str]:
     """The known filter parameters present in the query string (unknown ones ignored)."""
+    if not request.scope.get("query_string"):
+        return {}
     return {k: v for k, v in request.query_params.items() if k in allowed}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Request, get, put
+from litestar import Controller, Request, Response, get, put
 from litestar.params import FromPath
 from temporalio.client import WorkflowUpdateFailedError
 
@@ -13,6 +13,7 @@ from api.body import json_body, query_filters
 from api.errors import BadRequest, NotFound
 from api.ids import parse_id
 from api.job_timeline import job_timeline
+from api.responses import json_response
 from api.serializers import job_json
 from api.session_links import with_ticket
 from api.state import app_state
@@ -31,12 +32,12 @@ def _not_found(job_id: Any) -> NotFound:
     return NotFound(f"Job {job_id} not found for user.")
 
 
-def _listing(request: Request[Any, Any, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _listing(request: Request[Any, Any, Any], rows: list[dict[str, Any]]) -> Response[bytes]:
     state, user = app_state(request), current_user(request)
     jobs = [with_ticket(job_json(r), user.id, state.secret_key, state.settings.ticket_seconds)
             for r in rows]
     message = "Successful." if jobs else "Job matching given parameters could not be found."
-    return {"success": True, "message": message, "data": {"jobs": jobs}}
+    return json_response({"success": True, "message": message, "data": {"jobs": jobs}})
 
 
 def _filtered(request: Request[Any, Any, Any], user: AuthUser, job_id: int | None = None):
@@ -70,7 +71,7 @@ class JobRoutes(Controller):
     tags = ["jobs"]
 
     @get("/", operation_id="listJobs")
-    async def list_jobs(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+    async def list_jobs(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """The caller's jobs, filtered by ``workspace_id``, ``resource_job_id``,
         ``job_type``, ``status``."""
         query = _filtered(request, current_user(request))
@@ -79,7 +80,7 @@ class JobRoutes(Controller):
     @get("/{job_id:str}/", operation_id="getJob")
     async def get_job(
         self, request: Request[Any, Any, Any], job_id: FromPath[str]
-    ) -> dict[str, Any]:
+    ) -> Response[bytes]:
         """One of the caller's jobs, in the listing's shape."""
         jid = parse_id(job_id)
         query = _filtered(request, current_user(request), jid) if jid is not None else None

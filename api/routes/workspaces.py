@@ -6,7 +6,7 @@ import asyncio
 import os
 from typing import Any
 
-from litestar import Controller, Request, delete, get, post, put
+from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.params import FromPath
 from piccolo.columns.combination import WhereRaw
 
@@ -17,6 +17,7 @@ from api.errors import BadRequest, NotFound, ServerError, Unprocessable
 from api.ids import parse_id
 from api.job_start import start_job
 from api.multipart import MultipartReader, boundary_of
+from api.responses import json_response
 from api.serializers import job_json, workspace_json
 from api.state import AppState, app_state
 from api.workspace_details import parse_workspace_details, request_details
@@ -80,11 +81,12 @@ def _check_job_type(state: AppState, value: Any) -> None:
         raise BadRequest(f"{value} is not in the list of available job types.")
 
 
-def _listing(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _listing(rows: list[Any]) -> Response[bytes]:
     workspaces = [workspace_json(r) for r in rows]
     message = "Successful." if workspaces else \
         "Workspace matching given parameters could not be found."
-    return {"success": True, "message": message, "data": {"workspaces": workspaces}}
+    return json_response({"success": True, "message": message,
+                          "data": {"workspaces": workspaces}})
 
 
 class WorkspaceRoutes(Controller):
@@ -92,7 +94,7 @@ class WorkspaceRoutes(Controller):
     tags = ["workspaces"]
 
     @get("/", operation_id="listWorkspaces")
-    async def list_workspaces(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+    async def list_workspaces(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """The caller's workspaces, filtered by ``name``, ``description``, ``status``.
         Shared copies not yet accepted are not listed."""
         user = current_user(request)
@@ -101,7 +103,7 @@ class WorkspaceRoutes(Controller):
     @get("/{workspace_id:str}/", operation_id="getWorkspace")
     async def get_workspace(
         self, request: Request[Any, Any, Any], workspace_id: FromPath[str]
-    ) -> dict[str, Any]:
+    ) -> Response[bytes]:
         """One of the caller's workspaces, in the same list shape as the listing."""
         user = current_user(request)
         wid = parse_id(workspace_id)

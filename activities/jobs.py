@@ -46,15 +46,7 @@ class JobActivities:
         self._c = controllers
 
     async def _account(self, user_id: int, resource_name: str) -> ExternalAccount:
-        auth_name = self._c.config.available_resources[resource_name].user_authentication
-        account = await accounts.external_account(user_id, auth_name)
-        if account is None:
-            info = await accounts.user_info(user_id)
-            if info is None:
-                raise RuntimeError(f"user {user_id} is gone")
-            account = await self._c.auth[auth_name].ensure_external_account(info)
-            await accounts.save_external_account(user_id, auth_name, account)
-        return account
+        return await accounts.account_of(user_id, self._c.resource_auth(resource_name))
 
     @activity.defn(name="prepare_job")
     async def prepare_job(self, inp: JobInput) -> PrepareResult:

@@ -11,7 +11,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from controllers.base import CopyProgress, ExternalAccount
+from controllers.base import CopyProgress
 from controllers.errors import BackendError
 from controllers.notify.email import EmailRejected, Invitation
 from controllers.registry import Controllers
@@ -30,18 +30,6 @@ class ShareActivities:
     def __init__(self, controllers: Controllers) -> None:
         self._c = controllers
 
-    async def _account(self, user_id: int, username: str) -> ExternalAccount:
-        auth_name = self._c.config.available_storage[self._c.config.main_storage] \
-            .user_authentication
-        account = await accounts.external_account(user_id, auth_name)
-        if account is None:
-            info = await accounts.user_info(user_id)
-            if info is None:
-                raise ApplicationError(f"user {username} is gone", non_retryable=True)
-            account = await self._c.auth[auth_name].ensure_external_account(info)
-            await accounts.save_external_account(user_id, auth_name, account)
-        return account
-
     @activity.defn(name="copy_shared_workspace")
     async def copy_shared_workspace(self, ref: ShareRef) -> ShareCopyResult:
         """Copy, resuming after the last entry an earlier attempt reported."""
@@ -49,7 +37,10 @@ class ShareActivities:
         if row is None:
             raise ApplicationError("the share is gone", type="ShareGone", non_retryable=True)
         storage = self._c.storage.get(row["s_storage"]) or self._c.main_storage
-        account = await self._account(row["s_user_id"], row["s_username"])
+        try:
+            account = await accounts.account_of(row["s_user_id"], self._c.storage_auth)
+        except accounts.UnknownUser as err:
+            raise ApplicationError(str(err), non_retryable=True) from err
         target = row["s_path"]
         if not await asyncio.to_thread(os.path.isdir, target):
             await storage.create_workspace(target, account)

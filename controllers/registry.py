@@ -60,6 +60,16 @@ class Controllers:
     def main_resource(self) -> ComputeResource:
         return self.resources[self.config.main_resource]
 
+    @property
+    def storage_auth(self) -> AuthMethod:
+        """The auth method whose accounts own the main storage's workspaces."""
+        return self.auth[self.config.available_storage[self.config.main_storage]
+                         .user_authentication]
+
+    def resource_auth(self, resource_name: str) -> AuthMethod:
+        """The auth method whose accounts run jobs on ``resource_name``."""
+        return self.auth[self.config.available_resources[resource_name].user_authentication]
+
     async def prepare(self) -> None:
         for plugin in self.all():
             await plugin.prepare()

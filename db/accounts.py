@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 
-from controllers.base import ExternalAccount, UserInfo
+from controllers.base import AuthMethod, ExternalAccount, UserInfo
 from db.queries import as_json
 from db.tables import ExternalUserMapping, GroupMembership, Token, User
 
@@ -111,3 +111,20 @@ async def create_client(name: str) -> str:
     user_id = row["id"]
     await add_to_group(user_id, API_CLIENTS_GROUP)
     return await token_for(user_id)
+
+
+class UnknownUser(LookupError):
+    pass
+
+
+async def account_of(user_id: int, auth: AuthMethod) -> ExternalAccount:
+    """The user's account under ``auth``: the recorded mapping, else found (or created)
+    by the auth method now and recorded."""
+    account = await external_account(user_id, auth.name)
+    if account is None:
+        info = await user_info(user_id)
+        if info is None:
+            raise UnknownUser(f"user {user_id} does not exist")
+        account = await auth.ensure_external_account(info)
+        await save_external_account(user_id, auth.name, account)
+    return account

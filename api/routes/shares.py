@@ -14,7 +14,6 @@ from api.errors import BadRequest, NotFound, PermissionDenied
 from api.ids import parse_id
 from api.serializers import iso, raw_json
 from api.state import AppState, app_state
-from controllers.base import ExternalAccount
 from db import accounts, shares
 from db.queries import as_json
 from db.tables import SharedWorkspaceMapping, User, Workspace
@@ -197,7 +196,7 @@ async def _share_with(state: AppState, original: dict[str, Any], recipient: dict
     """Insert the copy's row (its path fixed now, once) and the mapping; start the copy."""
     storage = state.controllers.storage.get(original["storage_name"]) or \
         state.controllers.main_storage
-    account = await _account(state, recipient)
+    account = await accounts.account_of(recipient["id"], state.controllers.storage_auth)
     copy_id = (await Workspace.insert(Workspace(
         user=recipient["id"], name=original["name"], description=original["description"],
         storage_name=storage.name, default_job_type=original["default_job_type"],
@@ -214,15 +213,3 @@ async def _share_with(state: AppState, original: dict[str, Any], recipient: dict
     await workflow_ops.start_share(state.temporal, state.settings.task_queue, copy_id,
                                    original["id"], state.controllers.config.sharing.expiry_days)
     return copy_id
-
-
-async def _account(state: AppState, recipient: dict[str, Any]) -> ExternalAccount:
-    auth_name = state.controllers.config.available_storage[
-        state.controllers.config.main_storage].user_authentication
-    account = await accounts.external_account(recipient["id"], auth_name)
-    if account is None:
-        info = await accounts.user_info(recipient["id"])
-        assert info is not None
-        account = await state.controllers.auth[auth_name].ensure_external_account(info)
-        await accounts.save_external_account(recipient["id"], auth_name, account)
-    return account

@@ -63,17 +63,7 @@ async def _refuse_unaccepted_copy(workspace_id: int) -> None:
 
 async def _account_for(state: AppState, user: AuthUser) -> ExternalAccount:
     """The user's account under the main storage's auth method (created if missing)."""
-    auth_name = state.controllers.config.available_storage[
-        state.controllers.config.main_storage
-    ].user_authentication
-    account = await accounts.external_account(user.id, auth_name)
-    if account is None:
-        info = await accounts.user_info(user.id)
-        if info is None:
-            raise _not_found("?")
-        account = await state.controllers.auth[auth_name].ensure_external_account(info)
-        await accounts.save_external_account(user.id, auth_name, account)
-    return account
+    return await accounts.account_of(user.id, state.controllers.storage_auth)
 
 
 def _check_job_type(state: AppState, value: Any) -> None:

@@ -143,16 +143,26 @@ def mailbox() -> Iterator[Mailbox]:
 
 
 @pytest.fixture(scope="session")
-def controllers(settings: Settings, mailbox: Mailbox):
+async def controllers(settings: Settings, mailbox: Mailbox, data_dir: Path):
     import dataclasses
+    import json
 
     from api.app import load_controllers
     from controllers.notify.email import EmailNotifier, EmailSettings
+    from controllers.resources.local import LAUNCH_RECORD
 
     loaded = load_controllers(settings)
     notifier = EmailNotifier(EmailSettings(enabled=True, port=mailbox.port,
                                            portal_url="https://portal.example.org/"))
-    return dataclasses.replace(loaded, notifier=notifier)
+    yield dataclasses.replace(loaded, notifier=notifier)
+    # Whatever a failed test left running (a JupyterLab, a sleeping job) is stopped when
+    # the session ends, through the resource that launched it.
+    for record in (data_dir / "workspaces").glob(f"*/*/.jobs/*/{LAUNCH_RECORD}"):
+        try:
+            handle = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        await loaded.main_resource.stop(handle, 2.0)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,6 @@ with workflow.unsafe.imports_passed_through():
         IdleCheck,
         JobContinuation,
         JobInput,
-        JobRunState,
         JobSnapshot,
         JobStatusUpdate,
         LaunchInput,
@@ -66,9 +65,12 @@ def _idle_check_every(timeout_min: float) -> float:
 
 @workflow.defn
 class JobWorkflow:
-    def __init__(self) -> None:
-        self.inp: JobInput | None = None
-        self.state = JobRunState()
+    @workflow.init
+    def __init__(self, cont: JobContinuation) -> None:
+        # State comes from the input here, not in ``run``: a stop signal delivered with the
+        # first task must find the state it belongs to, never be overwritten by it.
+        self.inp: JobInput | None = cont.inp
+        self.state = cont.state
         self.status = "pending"
 
     # --- messages ---------------------------------------------------------------------
@@ -108,8 +110,7 @@ class JobWorkflow:
 
     @workflow.run
     async def run(self, cont: JobContinuation) -> str:
-        self.inp, self.state = cont.inp, cont.state
-        inp, st = self.inp, self.state
+        inp, st = self._inp, self.state
         if st.deadline_epoch == 0.0:
             st.deadline_epoch = workflow.now().timestamp() + inp.time_limit_min * 60
         if st.phase == "launched":

@@ -6,8 +6,14 @@ and a relay (:class:`api.passthrough_relay.PassthroughRelay` with that upstream 
 real app's access checks are not part of this measurement). Then measures, direct and
 through the relay: requests/s of the small response (``wrk``), MB/s of the big download
 (an httpx streaming client, 3 runs alternated, best), and WebSocket echo round trips (2000
-sequential messages of 100 bytes, p50/p99). Targets are printed, not asserted; any error
-(non-2xx, socket error, wrong size or echo) exits non-zero.
+sequential messages of 100 bytes, p50/p99).
+
+That upstream answers a small GET in ~30 µs, so the relay's own cost dominates its ratio.
+The upstream a session really is, JupyterLab, is measured too: it is started (own state and
+config under a temporary directory, token auth) with another relay in front, and wrk compares
+``GET /passthrough/h/1/api/status`` direct and through the relay, alternated (A B A B).
+Targets are printed, not asserted; any error (non-2xx, socket error, wrong size or echo)
+exits non-zero.
 
     .venv/bin/python bench/passthrough.py [--duration 10] [--connections 16] [--threads 2]
 """
@@ -17,14 +23,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
+import importlib.metadata
 import os
+import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -40,11 +49,14 @@ WS_MESSAGES = 2000
 WS_WARMUP = 100
 WS_PAYLOAD = "m" * 100
 WARMUP_SECONDS = 2
+JUPYTER_STATUS = "api/status"  # small JSON, token-authenticated: a Jupyter handler's fixed cost
+JUPYTER_ROUNDS = 2
+JUPYTER_START_TIMEOUT = 90  # seconds; a loaded machine (a test run alongside) starts it slowly
 
 ASGIApp = Callable[..., Any]
 
 
-# --- the two servers (child processes) ----------------------------------------------------
+# --- the servers (child processes) --------------------------------------------------------
 
 async def upstream_app(scope: dict[str, Any], receive: Callable[..., Any],
                        send: Callable[..., Any]) -> None:
@@ -131,26 +143,50 @@ class Result:
     mb_s_runs: tuple[float, ...] = ()
     ws_p50_ms: float = 0.0
     ws_p99_ms: float = 0.0
+    # JupyterLab's /api/status: one wrk result (api_throughput.WrkResult) per round.
+    jupyter_runs: list[Any] = field(default_factory=list)
+
+    def jupyter_mean(self, attr: str) -> float:
+        return statistics.mean(getattr(run, attr) for run in self.jupyter_runs)
+
+
+def run_wrk(wrk: str, side: Side, path: str, seconds: int, args: argparse.Namespace,
+            headers: tuple[str, ...] = ()) -> Any:
+    """One wrk run against ``side``'s ``BASE + path``; any non-2xx or socket error raises."""
+    cmd = [wrk, "-t", str(args.threads), "-c", str(args.connections), "-d", f"{seconds}s",
+           "--latency"]
+    for header in headers:
+        cmd += ["-H", header]
+    done = subprocess.run([*cmd, side.http + path], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{side.label} {path}: wrk failed ({done.returncode}): "
+                           f"{done.stderr or done.stdout}")
+    parsed = wrk_helpers().parse_wrk(done.stdout)
+    if parsed.errors:
+        raise RuntimeError(f"{side.label}: wrk saw {parsed.errors} errors:\n{done.stdout}")
+    return parsed
 
 
 def measure_small(wrk: str, side: Side, args: argparse.Namespace, result: Result) -> None:
-    parse_wrk = wrk_helpers().parse_wrk
-
-    def run(seconds: int) -> Any:
-        cmd = [wrk, "-t", str(args.threads), "-c", str(args.connections), "-d", f"{seconds}s",
-               "--latency", side.http + "small"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
-        parsed = parse_wrk(done.stdout)
-        if parsed.errors:
-            raise RuntimeError(f"{side.label}: wrk saw {parsed.errors} errors:\n{done.stdout}")
-        return parsed
-
-    run(WARMUP_SECONDS)
-    parsed = run(args.duration)
+    run_wrk(wrk, side, "small", WARMUP_SECONDS, args)
+    parsed = run_wrk(wrk, side, "small", args.duration, args)
     result.rps, result.http_p50_ms, result.http_p99_ms = (parsed.rps, parsed.p50_ms,
                                                           parsed.p99_ms)
+
+
+def measure_jupyter(wrk: str, sides: tuple[Side, ...], token: str, args: argparse.Namespace,
+                    results: dict[str, Result]) -> None:
+    # Both sides warmed up first (Jupyter's handlers and the relay's pool), then A B A B:
+    # a neighbour's load burst hits both sides alike.
+    headers = (f"Authorization: token {token}",)
+    for side in sides:
+        run_wrk(wrk, side, JUPYTER_STATUS, WARMUP_SECONDS, args, headers)
+    for n in range(1, JUPYTER_ROUNDS + 1):
+        for side in sides:
+            parsed = run_wrk(wrk, side, JUPYTER_STATUS, args.duration, args, headers)
+            results[side.label].jupyter_runs.append(parsed)
+            print(f"  round {n} {side.label:<6} {parsed.rps:8.0f} req/s  "
+                  f"p50 {parsed.p50_ms:.2f} ms  p99 {parsed.p99_ms:.2f} ms", flush=True)
 
 
 async def download_mb_s(url: str) -> float:
@@ -234,28 +270,98 @@ def child(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[by
         stop_process(proc)
 
 
-def print_report(direct: Result, relayed: Result, args: argparse.Namespace) -> None:
+def jupyter_status(port: int, token: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        conn.request("GET", BASE + JUPYTER_STATUS, headers={"Authorization": f"token {token}"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def jupyter_lab(port: int, token: str, tmp: Path, log: Path) -> Iterator[bytes]:
+    """A JupyterLab serving under ``BASE`` on ``port``, flags as the real session job starts
+    it (controllers/job_types/jupyter_lab.py); yields its /api/status body once it answers."""
+    from core.devstack import stop_process
+
+    state = tmp / "jupyter"
+    root = state / "root"
+    root.mkdir(parents=True)
+    # Jupyter's and IPython's state under the temp dir: nothing touches the real home.
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
+           "JUPYTER_CONFIG_DIR": str(state / "config"), "JUPYTER_DATA_DIR": str(state / "data"),
+           "IPYTHONDIR": str(state / "ipython")}
+    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ip={HOST}",
+           f"--port={port}", "--port-retries=0", f"--ServerApp.token={token}",
+           f"--ServerApp.base_url={BASE}", f"--ServerApp.root_dir={root}",
+           "--ServerApp.allow_remote_access=True", "--ServerApp.trust_xheaders=True",
+           "--allow-root"]  # needed when run as root (a container), ignored otherwise
+    with log.open("ab") as out:
+        # Own session, like child(): Ctrl-C reaches only us, and stop_process ends its group.
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        # Listening is not enough: the extensions load after the port opens.
+        deadline = time.monotonic() + JUPYTER_START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"JupyterLab exited with code {proc.returncode}")
+            try:
+                status, body = jupyter_status(port, token)
+                if status == 200:
+                    break
+            except (OSError, http.client.HTTPException):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"JupyterLab did not answer {JUPYTER_STATUS} within "
+                                   f"{JUPYTER_START_TIMEOUT} s")
+            time.sleep(0.3)
+        yield body
+    finally:
+        stop_process(proc)
+
+
+def print_report(direct: Result, relayed: Result, jupyter_body: bytes,
+                 args: argparse.Namespace) -> None:
+    jl = f"JupyterLab /{JUPYTER_STATUS}"
     rows = [
-        ("small GET req/s (wrk)", direct.rps, relayed.rps, "{:.0f}"),
-        ("small GET p50 ms", direct.http_p50_ms, relayed.http_p50_ms, "{:.2f}"),
-        ("small GET p99 ms", direct.http_p99_ms, relayed.http_p99_ms, "{:.2f}"),
+        ("trivial upstream: small GET req/s (wrk)", direct.rps, relayed.rps, "{:.0f}"),
+        ("trivial upstream: small GET p50 ms", direct.http_p50_ms, relayed.http_p50_ms,
+         "{:.2f}"),
+        ("trivial upstream: small GET p99 ms", direct.http_p99_ms, relayed.http_p99_ms,
+         "{:.2f}"),
         ("100 MB download MB/s (best of 3)", direct.mb_s, relayed.mb_s, "{:.0f}"),
         ("WebSocket echo p50 ms", direct.ws_p50_ms, relayed.ws_p50_ms, "{:.3f}"),
         ("WebSocket echo p99 ms", direct.ws_p99_ms, relayed.ws_p99_ms, "{:.3f}"),
+        (f"{jl} req/s (wrk, mean of {JUPYTER_ROUNDS})", direct.jupyter_mean("rps"),
+         relayed.jupyter_mean("rps"), "{:.0f}"),
+        (f"{jl} p50 ms", direct.jupyter_mean("p50_ms"), relayed.jupyter_mean("p50_ms"),
+         "{:.2f}"),
+        (f"{jl} p99 ms", direct.jupyter_mean("p99_ms"), relayed.jupyter_mean("p99_ms"),
+         "{:.2f}"),
     ]
-    print(f"\n{'measure':<32} {'direct':>10} {'relay':>10}")
+    width = max(len(label) for label, *_ in rows)
+    print(f"\n{'measure':<{width}} {'direct':>10} {'relay':>10}")
     for label, a, b, fmt in rows:
-        print(f"{label:<32} {fmt.format(a):>10} {fmt.format(b):>10}")
+        print(f"{label:<{width}} {fmt.format(a):>10} {fmt.format(b):>10}")
     for label, result in (("direct", direct), ("relay", relayed)):
         print(f"  {label} download runs MB/s: "
               f"{', '.join(f'{v:.0f}' for v in result.mb_s_runs)} "
               f"(median {statistics.median(result.mb_s_runs):.0f})")
+    for label, result in (("direct", direct), ("relay", relayed)):
+        print(f"  {label} {jl} rounds req/s: "
+              f"{', '.join(f'{run.rps:.0f}' for run in result.jupyter_runs)}")
     rps_ratio = relayed.rps / direct.rps
+    jl_ratio = relayed.jupyter_mean("rps") / direct.jupyter_mean("rps")
     mb_ratio = relayed.mb_s / direct.mb_s
     added_p50 = relayed.ws_p50_ms - direct.ws_p50_ms
     added_p99 = relayed.ws_p99_ms - direct.ws_p99_ms
-    print(f"\nrelay/direct small req/s: {rps_ratio:.2f}   (target >= 0.70: "
+    print(f"\nrelay/direct small req/s, trivial upstream: {rps_ratio:.2f}   (target >= 0.70: "
           f"{'met' if rps_ratio >= 0.7 else 'NOT met'})")
+    print(f"relay/direct small req/s, {jl}: {jl_ratio:.2f}   (target >= 0.70: "
+          f"{'met' if jl_ratio >= 0.7 else 'NOT met'})")
     print(f"relay/direct download MB/s: {mb_ratio:.2f}   (target >= 0.70: "
           f"{'met' if mb_ratio >= 0.7 else 'NOT met'})")
     print(f"WebSocket added latency: p50 {added_p50:+.3f} ms (target < 1 ms: "
@@ -263,6 +369,10 @@ def print_report(direct: Result, relayed: Result, args: argparse.Namespace) -> N
     print(f"\nwrk: {args.connections} connections, {args.threads} threads, "
           f"{args.duration} s after {WARMUP_SECONDS} s warm-up; {os.cpu_count()} CPUs shared "
           "by wrk, the upstream and the relay (one uvicorn process each).")
+    print(f"JupyterLab {importlib.metadata.version('jupyterlab')} (jupyter_server "
+          f"{importlib.metadata.version('jupyter_server')}, one Tornado process): "
+          f"/{JUPYTER_STATUS} answers {len(jupyter_body)} bytes of JSON, token in the "
+          "Authorization header; measured after the trivial upstream and its relay stopped.")
     print("Relay: PassthroughRelay with the upstream fixed; the real app's routing, "
           "authentication and access checks are not part of this measurement.")
 
@@ -286,11 +396,22 @@ def run(args: argparse.Namespace) -> int:
                 print("downloads (direct and relay alternated), WebSocket echoes ...",
                       flush=True)
                 asyncio.run(measure_async(sides, results))
+            # The real upstream, with the trivial one stopped: its own relay in front.
+            jupyter_port, jupyter_relay_port = helpers.free_port(), helpers.free_port()
+            token = secrets.token_hex(24)
+            print("JupyterLab: starting ...", flush=True)
+            with (jupyter_lab(jupyter_port, token, Path(tmp), log) as jupyter_body,
+                  child(["serve-relay", "--port", str(jupyter_relay_port),
+                         "--upstream-port", str(jupyter_port)], jupyter_relay_port, log)):
+                print(f"JupyterLab: wrk on /{JUPYTER_STATUS}, direct and relay alternated ...",
+                      flush=True)
+                measure_jupyter(wrk, (Side("direct", jupyter_port),
+                                      Side("relay", jupyter_relay_port)), token, args, results)
         except Exception:
             tail = log.read_text(errors="replace").splitlines()[-30:] if log.exists() else []
             print("--- last lines of the servers' log", *tail, sep="\n", file=sys.stderr)
             raise
-        print_report(results["direct"], results["relay"], args)
+        print_report(results["direct"], results["relay"], jupyter_body, args)
     return 0
 
 

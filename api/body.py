@@ -21,14 +21,6 @@ async def json_body(request: Request[Any, Any, Any]) -> Any:
         raise BadRequest(f"Invalid JSON: {exc}") from None
 
 
-async def json_object(request: Request[Any, Any, Any], *, empty_message: str) -> dict[str, Any]:
-    """A body that must be a non-empty JSON object."""
-    body = await json_body(request)
-    if not isinstance(body, dict) or not body:
-        raise BadRequest(empty_message)
-    return body
-
-
 def query_filters(request: Request[Any, Any, Any], allowed: tuple[str, ...]) -> dict[str, str]:
     """The known filter parameters present in the query string (unknown ones ignored)."""
     if not request.scope.get("query_string"):

@@ -49,11 +49,6 @@ class JobEventBus:
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
 
-    @property
-    def subscriber_count(self) -> int:
-        return sum(len(s) for s in self._by_job.values()) + sum(
-            len(s) for s in self._by_user.values())
-
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="job-event-bus")
         with contextlib.suppress(TimeoutError):

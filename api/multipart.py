@@ -26,10 +26,6 @@ class Part:
         }
 
     @property
-    def field_name(self) -> str:
-        return self._disposition[1].get("name", "")
-
-    @property
     def filename(self) -> str | None:
         return self._disposition[1].get("filename")
 

@@ -41,7 +41,3 @@ class TokenCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-
-    def forget_user(self, user_id: int) -> None:
-        for key in [k for k, (_, u) in self._entries.items() if u.id == user_id]:
-            del self._entries[key]

@@ -19,9 +19,11 @@ from activities.upkeep import UpkeepActivities
 from activities.workspaces import WorkspaceActivities
 from api.app import load_controllers
 from controllers.registry import Controllers
+from core.logging_setup import configure_logging
 from core.schedules import ensure_schedules
 from core.settings import Settings, get_settings
 from core.temporal import connect
+from core.worker_metrics import job_count_exporter, telemetry_runtime
 from db.engine import close_engine, open_engine
 from workflows.job import JobWorkflow
 from workflows.share import ShareWorkspaceWorkflow
@@ -33,7 +35,6 @@ log = logging.getLogger("uws.worker")
 
 WORKFLOWS = [JobWorkflow, DeleteWorkspaceWorkflow, ScanWorkspaceWorkflow,
              ShareWorkspaceWorkflow, UsageUpkeepWorkflow, ReconcileJobsWorkflow]
-
 
 def activities_for(controllers: Controllers, client: Client) -> list:
     return [*WorkspaceActivities(controllers).all(), *JobActivities(controllers).all(),
@@ -58,13 +59,15 @@ async def run_worker(settings: Settings | None = None) -> None:
     await controllers.prepare()
     engine = await open_engine(settings.database_url)
     try:
-        client = await connect(settings)
+        port = settings.worker_metrics_port
+        client = await connect(settings, telemetry_runtime(port) if port is not None else None)
         await ensure_schedules(client, settings.task_queue, controllers.config)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with build_worker(client, controllers, settings.task_queue):
+        async with build_worker(client, controllers, settings.task_queue), \
+                job_count_exporter(settings.worker_job_metrics_port):
             log.info("worker polling task queue %r", settings.task_queue)
             await stop.wait()
             log.info("worker shutting down")
@@ -73,5 +76,5 @@ async def run_worker(settings: Settings | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    configure_logging(get_settings().log_format)
     asyncio.run(run_worker())

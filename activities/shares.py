@@ -96,7 +96,9 @@ class ShareActivities:
             # Retrying cannot fix a refused message or an unusable address; the share
             # stands without its e-mail.
             activity.logger.warning("invitation for share %s not sent: %s",
-                                    ref.shared_workspace_id, err)
+                                    ref.shared_workspace_id, err,
+                                    extra={"workspace_id": ref.shared_workspace_id,
+                                           "user_id": row["s_user_id"]})
             return False
 
     @activity.defn(name="set_workspace_status")

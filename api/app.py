@@ -15,6 +15,7 @@ from temporalio.client import Client
 from api.auth import HEADER, AuthenticationMiddleware
 from api.errors import exception_handlers
 from api.live_status import JobEventBus
+from api.metrics import instrument, metrics_endpoint
 from api.passthrough_relay import PassthroughRelay
 from api.routes.catalogue import CatalogueRoutes
 from api.routes.jobs import JobRoutes
@@ -80,10 +81,13 @@ def create_app(
             await bus.stop()
             await close_engine(engine)
 
-    return AppendSlash(Litestar(
+    # JSON logs: Litestar must not replace the root handler `uws` installed (its default
+    # logging config does), so every line stays JSON.
+    log_config = {"logging_config": None} if settings.log_format == "json" else {}
+    return AppendSlash(instrument(Litestar(
         route_handlers=[TokenRoutes, WorkspaceRoutes, JobRoutes, CatalogueRoutes, UserRoutes,
                         SharedWorkspaceRoutes,
-                        watch_job, watch_jobs, passthrough,
+                        watch_job, watch_jobs, passthrough, metrics_endpoint,
                         *extra_handlers],
         middleware=[AuthenticationMiddleware],
         exception_handlers=exception_handlers(),
@@ -96,4 +100,5 @@ def create_app(
                         "Temporal workflows. Authenticate with `UWS-Authorization: Token <key>`.",
         ),
         debug=False,
-    ))
+        **log_config,
+    )))

@@ -25,6 +25,7 @@ from litestar.status_codes import (
 )
 from temporalio.service import RPCError
 
+from api.ids import parse_id
 from controllers import errors as cerr
 
 log = logging.getLogger("uws.api")
@@ -82,6 +83,17 @@ def envelope(status_code: int, message: str) -> Response:
     return Response({"success": False, "message": message}, status_code=status_code)
 
 
+def _log_ids(request: Request) -> dict[str, int]:
+    """The ids a log line carries as ``extra`` (JSON log keys): the path's job or
+    workspace, and the caller when known."""
+    ids = {key: parsed for key in ("job_id", "workspace_id")
+           if (parsed := parse_id(str(request.path_params.get(key, "")))) is not None}
+    user = request.scope.get("state", {}).get("user")
+    if user is not None:
+        ids["user_id"] = user.id
+    return ids
+
+
 def _api_error(_: Request, exc: ApiError) -> Response:
     return envelope(exc.status_code, exc.message)
 
@@ -92,7 +104,8 @@ def _controller_error(request: Request, exc: cerr.ControllerError) -> Response:
         HTTP_500_INTERNAL_SERVER_ERROR,
     )
     if exc.log_message != exc.user_message or status >= 500:
-        log.warning("%s %s: %s", request.method, request.url.path, exc.log_message)
+        log.warning("%s %s: %s", request.method, request.url.path, exc.log_message,
+                    extra=_log_ids(request))
     return envelope(status, exc.user_message)
 
 
@@ -110,7 +123,8 @@ def _http_exception(request: Request, exc: HTTPException) -> Response:
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+    log.exception("%s %s failed", request.method, request.url.path, exc_info=exc,
+                  extra=_log_ids(request))
     return envelope(HTTP_500_INTERNAL_SERVER_ERROR,
                     "Internal server error. Please contact an administrator.")
 

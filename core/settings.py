@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +50,18 @@ class Settings(BaseSettings):
     ticket_seconds: float = Field(300.0, description="How long a session link stays usable.")
     session_cookie_seconds: float = Field(
         12 * 3600.0, description="How long the passthrough cookie of a session lasts."
+    )
+
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line, for log collectors."
+    )
+    worker_metrics_port: int | None = Field(
+        None, description="Port of the worker's Prometheus endpoint for Temporal SDK metrics; "
+                          "unset: off."
+    )
+    worker_job_metrics_port: int | None = Field(
+        None, description="Port of the worker's Prometheus endpoint for job counts by status "
+                          "and resource; unset: off."
     )
 
     @property

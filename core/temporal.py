@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from temporalio.client import Client
+from temporalio.runtime import Runtime
 
 from core.settings import Settings
 
@@ -17,7 +18,9 @@ SEARCH_ATTRIBUTES: dict[str, str] = {
 }
 
 
-async def connect(settings: Settings) -> Client:
+async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
+    """A client; ``runtime`` carries telemetry (the worker's metrics), default: the SDK's."""
     return await Client.connect(
-        settings.resolved_temporal_address, namespace=settings.temporal_namespace
+        settings.resolved_temporal_address, namespace=settings.temporal_namespace,
+        runtime=runtime,
     )

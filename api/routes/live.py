@@ -21,6 +21,7 @@ from api.auth import HEADER, AuthUser, user_from_header
 from api.errors import NotAuthenticated
 from api.ids import parse_id
 from api.live_status import RESYNC, Subscription
+from api.metrics import WEBSOCKET_SUBSCRIBERS
 from db.queries import as_json
 from db.tables import ACTIVE_JOB_STATUSES, Job
 
@@ -64,6 +65,7 @@ async def _serve(socket: WebSocket[Any, Any, Any], job_id: int | None, raw_id: s
         return
     bus = socket.app.state.uws.bus
     sub: Subscription = bus.subscribe(user.id, job_id)
+    WEBSOCKET_SUBSCRIBERS.inc()
     try:
         current = await _current(user, job_id)
         if job_id is not None and not current:
@@ -74,6 +76,7 @@ async def _serve(socket: WebSocket[Any, Any, Any], job_id: int | None, raw_id: s
         await _pump(socket, sub, user, job_id)
     finally:
         bus.unsubscribe(sub)
+        WEBSOCKET_SUBSCRIBERS.dec()
 
 
 async def _pump(socket: WebSocket[Any, Any, Any], sub: Subscription, user: AuthUser,

@@ -22,6 +22,7 @@ from litestar.types import Receive, Scope, Send
 from api.auth import HEADER, user_from_header
 from api.errors import NotAuthenticated
 from api.ids import parse_id
+from api.metrics import count_relayed
 from api.passthrough_relay import Upstream
 from api.passthrough_tickets import (
     TICKET_PARAM,
@@ -189,6 +190,7 @@ async def passthrough(scope: Scope, receive: Receive, send: Send) -> None:
         return
     clean = _without_our_credentials(scope, job_id)
     touch = state.activity.touch_callback(job_id)
+    receive, send = count_relayed(receive, send)  # bytes both ways, for /metrics
     if scope["type"] == "websocket":
         await state.relay.websocket(clean, receive, send, upstream, on_activity=touch)
     else:

@@ -36,7 +36,7 @@ class ShareActivities:
         row = await shares.one(ref.shared_workspace_id)
         if row is None:
             raise ApplicationError("the share is gone", type="ShareGone", non_retryable=True)
-        storage = self._c.storage.get(row["s_storage"]) or self._c.main_storage
+        storage = self._c.storage_for(row["s_storage"])
         try:
             account = await accounts.account_of(row["s_user_id"], self._c.storage_auth)
         except accounts.UnknownUser as err:

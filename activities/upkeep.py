@@ -32,7 +32,7 @@ class UpkeepActivities:
             "WHERE status IN ('idle', 'active') AND file_path <> '' ORDER BY id")
         async with heartbeating():
             for row in rows:
-                storage = self._c.storage.get(row["storage_name"]) or self._c.main_storage
+                storage = self._c.storage_for(row["storage_name"])
                 await store_scan(row["id"], await storage.scan(row["file_path"]))
         return len(rows)
 

@@ -16,18 +16,16 @@ class WorkspaceActivities:
     def __init__(self, controllers: Controllers) -> None:
         self._controllers = controllers
 
-    def _storage(self, storage_name: str):
-        return self._controllers.storage.get(storage_name) or self._controllers.main_storage
-
     @activity.defn(name="delete_workspace_directory")
     async def delete_workspace_directory(self, ref: WorkspaceRef) -> bool:
         row = await queries.workspace_location(ref.workspace_id)
         if row is None:
             return False  # already gone: a retry after the row was removed
         if row["file_path"]:
+            storage = self._controllers.storage_for(row["storage_name"])
             try:
                 async with heartbeating():
-                    await self._storage(row["storage_name"]).delete_workspace(row["file_path"])
+                    await storage.delete_workspace(row["file_path"])
             except BackendError as err:
                 # The storage refused (a path outside its root, say): retrying cannot help.
                 raise ApplicationError(err.log_message, type="StorageRefused",
@@ -48,7 +46,7 @@ class WorkspaceActivities:
         if row is None or row["status"] == "deleting" or not row["file_path"]:
             return ScanResult(workspace_id=ref.workspace_id, found=False)
         async with heartbeating():
-            scan = await self._storage(row["storage_name"]).scan(row["file_path"])
+            scan = await self._controllers.storage_for(row["storage_name"]).scan(row["file_path"])
         found = await queries.store_scan(ref.workspace_id, scan)
         return ScanResult(
             workspace_id=ref.workspace_id, found=found, disk_space=scan.disk_space,

@@ -422,14 +422,16 @@ def _run(args: argparse.Namespace, wrk: str, tmp: Path, logs: Path,
     return 1 if errors else 0
 
 
-def main() -> int:
-    args = parse_args()
-    _raise_on_sigterm()
+def print_machine() -> None:
+    """CPUs and load: the machine is shared, so every figure is read against them."""
     load1, load5, load15 = os.getloadavg()
     print(f"cpus: {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}); "
-          f"load average at start: {load1:.2f} {load5:.2f} {load15:.2f}")
-    print(f"wrk: {args.connections} connections, {args.threads} threads, "
-          f"{ROUNDS} rounds x {args.duration}s per endpoint, {WARMUP_SECONDS}s warm-up")
+          f"load average at start: {load1:.2f} {load5:.2f} {load15:.2f}", flush=True)
+
+
+def run_with_cleanup(run: Any, args: argparse.Namespace) -> int:
+    """Run ``run(args, tmp, stack)``; whatever it started is stopped on every exit."""
+    _raise_on_sigterm()
     try:
         with tempfile.TemporaryDirectory(prefix="uws-bench-") as tmp, \
                 contextlib.ExitStack() as stack:
@@ -437,6 +439,14 @@ def main() -> int:
     except KeyboardInterrupt:
         print("interrupted; everything started was stopped", file=sys.stderr)
         return 130
+
+
+def main() -> int:
+    args = parse_args()
+    print_machine()
+    print(f"wrk: {args.connections} connections, {args.threads} threads, "
+          f"{ROUNDS} rounds x {args.duration}s per endpoint, {WARMUP_SECONDS}s warm-up")
+    return run_with_cleanup(run, args)
 
 
 if __name__ == "__main__":

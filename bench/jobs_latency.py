@@ -33,7 +33,6 @@ import os
 import secrets
 import signal
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -56,10 +55,11 @@ from bench.api_throughput import (  # noqa: E402
     ApiServer,
     _prepare_database,
     _print_log_tails,
-    _raise_on_sigterm,
     create_workspace,
     database,
     free_port,
+    print_machine,
+    run_with_cleanup,
     start_child,
     user_token,
 )
@@ -604,17 +604,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    _raise_on_sigterm()
-    load1, load5, load15 = os.getloadavg()
-    print(f"cpus: {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}); "
-          f"load average at start: {load1:.2f} {load5:.2f} {load15:.2f}", flush=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="uws-bench-") as tmp, \
-                contextlib.ExitStack() as stack:
-            return run(args, Path(tmp), stack)
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
+    print_machine()
+    return run_with_cleanup(run, args)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ class Controllers:
     def main_resource(self) -> ComputeResource:
         return self.resources[self.config.main_resource]
 
+    def storage_for(self, name: str) -> StorageMethod:
+        """The storage a workspace row names (rows made before it had a name: the main)."""
+        return self.storage.get(name) or self.main_storage
+
     @property
     def storage_auth(self) -> AuthMethod:
         """The auth method whose accounts own the main storage's workspaces."""

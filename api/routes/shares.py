@@ -194,8 +194,7 @@ async def _recipients(user_ids: list[Any], sharer: AuthUser) -> list[dict[str, A
 async def _share_with(state: AppState, original: dict[str, Any], recipient: dict[str, Any],
                       last_job: Any) -> int:
     """Insert the copy's row (its path fixed now, once) and the mapping; start the copy."""
-    storage = state.controllers.storage.get(original["storage_name"]) or \
-        state.controllers.main_storage
+    storage = state.controllers.storage_for(original["storage_name"])
     account = await accounts.account_of(recipient["id"], state.controllers.storage_auth)
     copy_id = (await Workspace.insert(Workspace(
         user=recipient["id"], name=original["name"], description=original["description"],

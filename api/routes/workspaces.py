@@ -22,10 +22,11 @@ from api.serializers import job_json, workspace_json
 from api.state import AppState, app_state
 from api.workspace_details import parse_workspace_details, request_details
 from controllers.base import ExternalAccount
+from controllers.errors import PayloadTooLarge
 from core.parameters import validate_resource_options
 from db import accounts, reads
 from db.queries import as_json, now
-from db.tables import ACTIVE_JOB_STATUSES, Job, SharedWorkspaceMapping, Workspace
+from db.tables import ACTIVE_JOB_STATUSES, SharedWorkspaceMapping, Workspace
 
 _FILTERS = ("name", "description", "status")
 
@@ -175,8 +176,7 @@ class WorkspaceRoutes(Controller):
         if row["status"] == "deleting":
             raise BadRequest(f"Workspace {row['id']} is being deleted.")
         if files or symlinks:
-            storage = state.controllers.storage.get(row["storage_name"]) or \
-                state.controllers.main_storage
+            storage = state.controllers.storage_for(row["storage_name"])
             await storage.validate_files(files, symlinks)
             account = await _account_for(state, user)
             await storage.write_files(row["file_path"], account, files, symlinks)
@@ -207,8 +207,7 @@ class WorkspaceRoutes(Controller):
         if length and length.isdigit() and int(length) > limit:
             raise _too_large(limit)
         boundary = boundary_of(request.headers.get("content-type", ""))
-        storage = state.controllers.storage.get(row["storage_name"]) or \
-            state.controllers.main_storage
+        storage = state.controllers.storage_for(row["storage_name"])
         account = await _account_for(state, user)
         reader = MultipartReader(_limited(request.stream(), limit), boundary)
         saved = 0
@@ -304,9 +303,7 @@ class WorkspaceRoutes(Controller):
         return {"success": True, "message": f"Workspace {wid} queued for deletion."}
 
 
-def _too_large(limit: int) -> Exception:
-    from controllers.errors import PayloadTooLarge
-
+def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"Upload exceeds the limit of {limit} bytes.")
 
 
@@ -318,5 +315,3 @@ async def _limited(stream: Any, limit: int) -> Any:
             raise _too_large(limit)
         yield chunk
 
-
-__all__ = ["Job", "WorkspaceRoutes"]

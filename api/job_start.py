@@ -46,6 +46,7 @@ async def start_job(
 ) -> dict[str, Any]:
     config = state.controllers.config
     resource = config.main_resource
+    state.controllers.job_types[job_type].validate_job_details(job_details)
     options = effective_options(config.parameters, resource_options)
     time_limit = time_limit_for(state, job_type, resource, resource_options, options)
 

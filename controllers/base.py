@@ -204,6 +204,9 @@ class JobState(BaseModel):
     exit_code: int | None = None
     core_hours: float | None = None
     hostname: str | None = None
+    # Shown to clients in the job's current_job_details while it runs (a Slurm job's
+    # time left, say); resources without such details leave it empty.
+    details: dict[str, Any] = Field(default_factory=dict)
 
 
 class LaunchRequest(BaseModel):
@@ -308,6 +311,10 @@ class JobType(Plugin):
     def idle_timeout_min(self, resource_name: str) -> float | None:
         """Stop the job after this long without passthrough activity (``None``: never)."""
         return getattr(self.settings_for(resource_name), "idle_timeout_minutes", None)
+
+    def validate_job_details(self, job_details: Mapping[str, Any]) -> None:
+        """Raise ``InvalidRequest`` when a start request's ``job_details`` cannot make a
+        script; called before the job exists. Most job types accept anything."""
 
     @abstractmethod
     def script(self, ctx: JobContext) -> str:

@@ -1,4 +1,4 @@
-"""``uws``: dev | api | worker | migrate | create-client-token NAME."""
+"""``uws``: dev | api | worker | migrate | create-client-token NAME | slurm-dev ACTION."""
 
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.config import ConfigError
 from core.logging_setup import configure_logging
 from core.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from controllers.registry import Controllers
 
 log = logging.getLogger("uws")
 
@@ -96,7 +100,8 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     from api.app import load_controllers
     from core import devstack
 
-    load_controllers(settings)  # a config error stops us before anything starts
+    controllers = load_controllers(settings)  # a config error stops us before anything starts
+    _start_slurm_if_main(controllers)
     data_dir = Path(settings.data_dir).resolve()
     url = _database_url(settings)
     asyncio.run(_migrate(url))
@@ -142,6 +147,31 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slurm_dev(_: Settings, args: argparse.Namespace) -> int:
+    from core import slurm_dev
+
+    try:
+        return slurm_dev.main([args.action, *args.rest])
+    except slurm_dev.SlurmDevError as err:
+        print(f"slurm-dev: {err}", file=sys.stderr)
+        return 1
+
+
+def _start_slurm_if_main(controllers: Controllers) -> None:
+    """``uws dev`` with a SlurmResource as the main resource: its dev cluster runs too
+    (left running on exit, like a database; ``uws slurm-dev stop`` stops it)."""
+    from controllers.resources.slurm import SlurmResource
+
+    resource = controllers.main_resource
+    if isinstance(resource, SlurmResource):
+        from core import slurm_dev
+
+        cluster = slurm_dev.cluster_for(resource.s.url, resource.s.jwt_key_file)
+        slurm_dev.start(cluster)
+        print(f"Slurm dev cluster up: {cluster.rest_url} (state {cluster.state_dir})",
+              file=sys.stderr)
+
+
 def _wait_for_interrupt(children: list[subprocess.Popen[bytes]]) -> None:
     stop = False
 
@@ -174,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                            help="create an api_clients member; print only its key")
     token.add_argument("name")
     token.set_defaults(fn=cmd_create_client_token)
+    slurm = sub.add_parser("slurm-dev", help="a single-node Slurm cluster with slurmrestd "
+                           "for development (root; UWS_SLURM_DEV_* variables)")
+    slurm.add_argument("action", choices=["start", "stop", "status", "token", "install"])
+    slurm.add_argument("rest", nargs="*", help="token: USER [SECONDS]")
+    slurm.set_defaults(fn=cmd_slurm_dev)
     args = parser.parse_args(argv)
 
     settings = get_settings()

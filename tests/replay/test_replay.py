@@ -19,7 +19,8 @@ def test_histories_are_committed() -> None:
     assert {"delete_workspace_ok", "delete_workspace_refused", "job_complete", "job_stopped",
             "job_time_limit", "job_failed", "job_unreachable", "job_launch_retried",
             "share_resumed_accepted", "share_failed", "share_expired",
-            "share_declined"} <= names
+            "share_declined", "slurm_job_complete", "slurm_job_failed", "slurm_job_stopped",
+            "slurm_job_time_limit", "slurm_job_unreachable", "slurm_launch_retried"} <= names
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

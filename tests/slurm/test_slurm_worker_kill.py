@@ -1,0 +1,86 @@
+"""A worker (a separate ``uws worker`` process) SIGKILLed between submitting a Slurm job
+and reporting the submission: the retried launch on a new worker finds that job, so
+exactly one Slurm job exists and the UWS job ends correctly with it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from controllers.resources.slurm.resource import PAUSE_AFTER_SUBMIT_ENV
+from db.tables import Job, Workspace
+from tests.conftest import eventually
+from tests.slurm.conftest import slurm_env, slurm_jobs_named, start_uws
+from workflows.job import JobWorkflow
+from workflows.models import JobContinuation, JobInput, JobRunState
+
+
+def _worker(temporal_env, settings, queue: str, log: Path,
+            pause: float | None) -> subprocess.Popen:
+    env = {**slurm_env(temporal_env, settings), "UWS_TASK_QUEUE": queue}
+    if pause is not None:
+        # Holds the launch activity after slurmrestd accepted the job, before it returns.
+        env[PAUSE_AFTER_SUBMIT_ENV] = str(pause)
+    return start_uws("worker", env, log)
+
+
+@pytest.mark.slow
+async def test_sigkill_worker_mid_submit(temporal_env, slurm_settings, slurm_client,
+                                         slurm_user, slurm_rest, slurm_root) -> None:
+    from tests.slurm.conftest import record_history
+
+    r = await slurm_client.post("/workspaces/", headers=slurm_user.headers,
+                                json={"name": "kill", "description": "kill"})
+    ws = r.json()["data"]["workspace"]
+    row = await Workspace.select(Workspace.user).where(Workspace.id == ws["id"]).first()
+    job_id = (await Job.insert(Job(user=row["user"], workspace=ws["id"],
+                                   job_type="batch_script", resource_name="slurm_resource"))
+              .returning(Job.id))[0]["id"]
+    queue = f"slurm-kill-{uuid.uuid4()}"
+    log = slurm_root / f"worker-{job_id}.log"
+    worker = _worker(temporal_env, slurm_settings, queue, log, pause=600)
+    try:
+        inp = JobInput(job_id=job_id, user_id=row["user"], workspace_id=ws["id"],
+                       job_type="batch_script", resource_name="slurm_resource",
+                       time_limit_min=5, job_details={"script": "sleep 2\n"})
+        handle = await temporal_env.client.start_workflow(
+            JobWorkflow.run, JobContinuation(inp=inp, state=JobRunState()),
+            id=f"job-{job_id}", task_queue=queue)
+        name = f"uws-{job_id}"
+        await eventually(lambda: slurm_jobs_named(slurm_rest, name), timeout=90, interval=0.2)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        worker = _worker(temporal_env, slurm_settings, queue, log, pause=None)
+        result = await asyncio.wait_for(handle.result(), timeout=120)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    assert result == "complete", log.read_text()[-3000:]
+    submitted = await slurm_jobs_named(slurm_rest, name)
+    assert len(submitted) == 1, submitted
+    job = await Job.select(Job.status, Job.resource_job_id, Job.core_hours) \
+        .where(Job.id == job_id).first()
+    assert job["status"] == "complete"
+    assert job["resource_job_id"] == submitted[0]["job_id"]
+    assert job["core_hours"] > 0
+    # The launch that returned was a retry (the first attempt died with its worker).
+    history = await handle.fetch_history()
+    launches = [e.activity_task_scheduled_event_attributes.activity_id for e in history.events
+                if e.activity_task_scheduled_event_attributes.activity_type.name == "launch_job"]
+    attempts = [e.activity_task_started_event_attributes.attempt for e in history.events
+                if e.HasField("activity_task_started_event_attributes")
+                and e.activity_task_started_event_attributes.scheduled_event_id
+                in _scheduled_ids(history, "launch_job")]
+    assert len(launches) == 1 and attempts == [2], attempts
+    await record_history(temporal_env, job_id, "slurm_launch_retried", slurm_root)
+
+
+def _scheduled_ids(history, activity_type: str) -> set[int]:
+    return {e.event_id for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")
+            and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type}

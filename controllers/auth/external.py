@@ -1,0 +1,181 @@
+"""What the sign-in methods backed by an external identity provider share.
+
+The client posts ``{"auth_token": "<provider token>"}`` to ``/tokens/``; a subclass asks
+the provider who the token belongs to (``_verify``). This base caches the answer briefly,
+turns an unreachable provider into ``Unavailable`` (never a success, never a 500), and maps
+the identity to an OS account with ``LocalUserAuthentication``'s own logic, after an
+optional ``account_map`` (identity username -> OS account name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from abc import abstractmethod
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import httpx
+from pydantic import Field
+
+from controllers.auth.local import INCORRECT, LocalUserAuthentication
+from controllers.base import ApiClientCheck, AuthMethod, ExternalAccount, PluginSettings, UserInfo
+from controllers.errors import AuthenticationFailed, BackendError, InvalidRequest, Unavailable
+
+MISSING_TOKEN = "Missing auth_token."
+PROVIDER_DOWN = "The identity provider is unavailable right now. Please try again shortly."
+MISCONFIGURED = "Sign-in is misconfigured. Please contact an administrator."
+# Longer than any real access token; bounds what we hash and forward.
+_MAX_TOKEN_CHARS = 16_384
+
+
+def env_is_set(name: str) -> str:
+    """Field validator body: the named environment variable must exist at start-up."""
+    if not name:
+        raise ValueError("must name an environment variable")
+    if not os.environ.get(name):
+        raise ValueError(f"environment variable {name!r} is not set")
+    return name
+
+
+class ExternalAuthSettings(PluginSettings):
+    # OS account mapping, as LocalUserAuthentication does it.
+    single_user: bool = False
+    create_external_users: bool = False
+    useradd_args: list[str] = ["--create-home", "--shell", "/bin/bash"]
+    account_map: dict[str, str] = Field(
+        default_factory=dict, description="Identity username -> OS account name."
+    )
+    unmapped_users: Literal["deny", "local_part"] = Field(
+        "deny", description="An identity not in account_map: refused, or the part of its "
+                            "username before '@' names the OS account."
+    )
+    timeout_seconds: float = Field(10.0, gt=0)
+    cache_seconds: float = Field(
+        60.0, ge=0, description="How long a token's identity is trusted (never past its exp)."
+    )
+    cache_size: int = Field(1024, ge=1)
+
+
+class IdentityCache:
+    """Token -> identity, bounded (LRU), keyed by the token's hash, each entry dropped at
+    the earlier of ``ttl`` and the token's own expiry."""
+
+    def __init__(self, ttl: float, size: int) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._entries: OrderedDict[str, tuple[float, UserInfo]] = OrderedDict()
+
+    @staticmethod
+    def key(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def get(self, token: str) -> UserInfo | None:
+        key = self.key(token)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        deadline, info = entry
+        if time.monotonic() >= deadline:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return info
+
+    def put(self, token: str, info: UserInfo, expires_at: float | None) -> None:
+        ttl = self.ttl
+        if expires_at is not None:
+            ttl = min(ttl, expires_at - time.time())
+        if ttl <= 0:
+            return
+        key = self.key(token)
+        self._entries[key] = (time.monotonic() + ttl, info)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+def reject(reason: str) -> AuthenticationFailed:
+    """The contract's one answer for every failed lookup; the reason goes to the log."""
+    return AuthenticationFailed(INCORRECT, log_message=reason)
+
+
+def as_list(value: Any) -> list[str]:
+    """A claim that may be one string or a list of them (``aud``, groups)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+class ExternalUserAuthentication(AuthMethod):
+    """Base of the token-based methods; subclasses implement ``_verify``."""
+
+    abstract = True
+    Settings = ExternalAuthSettings
+    settings: ExternalAuthSettings
+
+    def __init__(self, name: str, settings: PluginSettings) -> None:
+        super().__init__(name, settings)
+        s = self.settings
+        self._accounts = LocalUserAuthentication(name, LocalUserAuthentication.Settings(
+            single_user=s.single_user, create_external_users=s.create_external_users,
+            useradd_args=s.useradd_args,
+        ))
+        self._cache = IdentityCache(s.cache_seconds, s.cache_size)
+
+    @abstractmethod
+    async def _verify(self, token: str) -> tuple[UserInfo, float | None]:
+        """Who ``token`` belongs to and when it expires (epoch seconds, ``None``: unknown);
+        raise ``reject(...)`` when it does not identify an allowed user."""
+
+    async def identify(self, body: Mapping[str, Any], is_api_client: ApiClientCheck) -> UserInfo:
+        token = body.get("auth_token")
+        if not token:
+            raise InvalidRequest(MISSING_TOKEN)
+        if not isinstance(token, str) or len(token) > _MAX_TOKEN_CHARS:
+            raise reject("auth_token is not a string of a sensible length")
+        cached = self._cache.get(token)
+        if cached is not None:
+            return cached
+        info, expires_at = await self._verify(token)
+        self._cache.put(token, info, expires_at)
+        return info
+
+    async def ensure_external_account(self, user: UserInfo) -> ExternalAccount:
+        s = self.settings
+        if s.single_user:
+            return await self._accounts.ensure_external_account(user)
+        os_name = s.account_map.get(user.username)
+        if os_name is None and s.unmapped_users == "local_part":
+            os_name = user.username.split("@", 1)[0].lower()
+        if not os_name:
+            raise reject(f"{user.username!r} has no OS account mapping")
+        return await self._accounts.ensure_external_account(
+            user.model_copy(update={"username": os_name})
+        )
+
+    async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request to the provider; unreachable or 5xx is ``Unavailable``. A sign-in is
+        rare and its result cached, so a client per call keeps no pool across event loops."""
+        try:
+            async with httpx.AsyncClient(timeout=self.settings.timeout_seconds) as client:
+                response = await client.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise Unavailable(PROVIDER_DOWN,
+                              log_message=f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 500:
+            raise Unavailable(PROVIDER_DOWN,
+                              log_message=f"{method} {url}: HTTP {response.status_code}")
+        return response
+
+    @staticmethod
+    def _json(response: httpx.Response, what: str) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise BackendError(MISCONFIGURED,
+                               log_message=f"{what} answered something not JSON") from exc

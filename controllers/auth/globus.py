@@ -1,0 +1,124 @@
+"""``GlobusUserAuthentication``: the reference's Globus token flow.
+
+A portal posts ``{"auth_token": "<the user's Globus Groups token>"}``. We introspect it at
+Globus Auth (``POST /v2/oauth2/token/introspect`` with our client's basic credentials and
+``include=identity_set``), require it active, unexpired, issued by Globus and meant for us
+(its ``aud`` or ``client_id`` among ``allowed_audiences``), take the identity's username,
+email and name, and, when ``allowed_globus_groups`` is set, require an active membership
+in one of them through the Groups API (``GET /v2/groups/my_groups`` with the user's token),
+as the reference does for new users; we check at every sign-in.
+
+The UWS username is the Globus username (``alice@uni.edu``), not the reference's e-mail
+local part, which two people at different institutions can share.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from controllers.auth.external import (
+    MISCONFIGURED,
+    ExternalAuthSettings,
+    ExternalUserAuthentication,
+    as_list,
+    env_is_set,
+    reject,
+)
+from controllers.base import UserInfo
+from controllers.errors import BackendError, Forbidden
+
+
+class GlobusUserAuthentication(ExternalUserAuthentication):
+    class Settings(ExternalAuthSettings):
+        client_id: str = Field(min_length=1)
+        client_secret_env: str = Field(description="Environment variable holding the secret.")
+        auth_base_url: str = "https://auth.globus.org"
+        groups_base_url: str = "https://groups.api.globus.org"
+        issuer: str = "https://auth.globus.org"
+        allowed_audiences: list[str] = Field(
+            default_factory=list, description="Empty: the token must be for client_id."
+        )
+        allowed_globus_groups: list[str] = Field(
+            default_factory=list, description="Group ids; empty: no group is required."
+        )
+
+        @field_validator("client_secret_env")
+        @classmethod
+        def _secret_set(cls, value: str) -> str:
+            return env_is_set(value)
+
+    settings: Settings
+
+    async def _verify(self, token: str) -> tuple[UserInfo, float | None]:
+        s = self.settings
+        response = await self._call(
+            "POST", f"{s.auth_base_url.rstrip('/')}/v2/oauth2/token/introspect",
+            data={"token": token, "include": "identity_set"},
+            auth=(s.client_id, os.environ.get(s.client_secret_env, "")),
+        )
+        if response.status_code != 200:
+            raise BackendError(MISCONFIGURED, log_message=(
+                f"Globus introspection answered {response.status_code}: {response.text[:200]}"
+            ))
+        data = self._json(response, "Globus introspection")
+        if not isinstance(data, dict) or data.get("active") is not True:
+            raise reject("Globus token not active")
+        exp = data.get("exp")
+        if not isinstance(exp, int | float) or exp <= time.time():
+            raise reject("Globus token expired or without exp")
+        if data.get("iss", s.issuer) != s.issuer:
+            raise reject(f"Globus token issued by {data.get('iss')!r}")
+        allowed = set(s.allowed_audiences or [s.client_id])
+        if not allowed & {*as_list(data.get("aud")), *as_list(data.get("client_id"))}:
+            raise reject("Globus token not meant for this server")
+        username, email = data.get("username"), data.get("email")
+        if not isinstance(username, str) or not username or len(username) > 150:
+            raise reject("Globus identity without a usable username")
+        if not isinstance(email, str) or not email or len(email) > 254:
+            raise reject(f"Globus identity {username!r} has no e-mail")
+        if s.allowed_globus_groups:
+            identities = set(as_list(data.get("identity_set"))) or set(as_list(data.get("sub")))
+            await self._require_group(token, identities, username)
+        first, _, last = (data.get("name") or "").strip().partition(" ")
+        info = UserInfo(username=username, email=email, first_name=first, last_name=last.strip())
+        return info, float(exp)
+
+    async def _require_group(self, token: str, identities: set[str], username: str) -> None:
+        s = self.settings
+        response = await self._call(
+            "GET", f"{s.groups_base_url.rstrip('/')}/v2/groups/my_groups",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        if response.status_code in (401, 403):
+            raise reject(f"Groups API refused {username!r}'s token (no groups scope?)")
+        if response.status_code != 200:
+            raise BackendError(MISCONFIGURED, log_message=(
+                f"Groups API answered {response.status_code}: {response.text[:200]}"
+            ))
+        groups = self._json(response, "Groups API")
+        if not isinstance(groups, list):
+            raise BackendError(MISCONFIGURED, log_message="Groups API answered a non-list")
+        allowed = set(s.allowed_globus_groups)
+        if not any(_active_member(g, identities) for g in groups
+                   if isinstance(g, dict) and g.get("id") in allowed):
+            # Known but not admitted: the reference server's 403 and wording.
+            raise Forbidden(NOT_IN_GROUPS, log_message=(
+                f"{username!r} is in none of the allowed Globus groups"))
+
+
+NOT_IN_GROUPS = ("User is not a member of any allowed Globus groups. "
+                 "Please contact your administrator for access.")
+
+
+def _active_member(group: dict[str, Any], identities: set[str]) -> bool:
+    """Whether one of the user's linked identities holds an active membership."""
+    memberships = group.get("my_memberships")
+    if not isinstance(memberships, list):
+        return True  # my_groups lists only groups the caller belongs to
+    return any(isinstance(m, dict) and m.get("status") == "active"
+               and (not identities or m.get("identity_id") in identities)
+               for m in memberships)

@@ -1,0 +1,225 @@
+"""``OIDCUserAuthentication``: sign-in with any OAuth 2.0 / OpenID Connect provider.
+
+The body is the Globus flow's, ``{"auth_token": "<access token>"}``; ``mode`` says how the
+token is checked:
+
+- ``introspection`` (RFC 7662): ``POST token=...`` to ``introspection_url`` with our client
+  credentials (basic or form), then ``active``, ``exp``/``nbf``, ``iss`` and ``aud`` (or
+  ``client_id``) are checked here as well, since a provider may describe tokens meant for
+  other clients;
+- ``jwt``: the token is a JWT signed by a key of the provider's JWKS: the algorithm must be
+  in ``algorithms`` (asymmetric only: never ``none`` or HMAC, which a public key would let
+  anyone forge), the signature, ``iss``, ``aud``, ``exp`` and ``nbf`` (with ``leeway_seconds``)
+  must hold. The JWKS is fetched on first use, kept, and fetched again for an unknown
+  ``kid`` at most once per ``jwks_min_refetch_seconds``.
+
+Claims give the identity (names configurable); ``required_group`` must be in the groups
+claim when set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, Literal
+
+import jwt
+from pydantic import Field, field_validator, model_validator
+
+from controllers.auth.external import (
+    MISCONFIGURED,
+    ExternalAuthSettings,
+    ExternalUserAuthentication,
+    as_list,
+    env_is_set,
+    reject,
+)
+from controllers.base import UserInfo
+from controllers.errors import BackendError, Forbidden
+
+# Asymmetric JWS algorithms only (RFC 7518): a verifier holding a public key must never
+# accept "none" or an HMAC keyed with that public key.
+SAFE_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                   "ES256", "ES384", "ES512", "EdDSA")
+
+
+# Authenticated but not admitted: a 403, as the Globus method answers.
+NOT_IN_GROUP = ("User is not a member of the required group. "
+                "Please contact your administrator for access.")
+
+class JwksCache:
+    """The provider's signing keys by ``kid``, refetched for an unknown one (rate-limited)
+    and when older than ``max_age``."""
+
+    def __init__(self, owner: OIDCUserAuthentication) -> None:
+        self.owner = owner
+        self.keys: dict[str | None, jwt.PyJWK] = {}
+        self.fetched_at: float | None = None
+        self.fetches = 0
+        self._lock = asyncio.Lock()
+
+    async def key(self, kid: str | None) -> jwt.PyJWK | None:
+        s = self.owner.settings
+        now = time.monotonic()
+        stale = self.fetched_at is None or now - self.fetched_at >= s.jwks_max_age_seconds
+        unknown_may_refetch = (self._find(kid) is None and self.fetched_at is not None
+                               and now - self.fetched_at >= s.jwks_min_refetch_seconds)
+        if stale or unknown_may_refetch:
+            fetched_at = self.fetched_at
+            async with self._lock:
+                if self.fetched_at == fetched_at:  # nobody refetched while we waited
+                    await self._fetch()
+        return self._find(kid)
+
+    def _find(self, kid: str | None) -> jwt.PyJWK | None:
+        if kid is None and len(self.keys) == 1:
+            return next(iter(self.keys.values()))
+        return self.keys.get(kid)
+
+    async def _fetch(self) -> None:
+        s = self.owner.settings
+        response = await self.owner._call("GET", str(s.jwks_url))
+        if response.status_code != 200:
+            raise BackendError(MISCONFIGURED,
+                               log_message=f"JWKS answered {response.status_code}")
+        data = self.owner._json(response, "JWKS")
+        keys: dict[str | None, jwt.PyJWK] = {}
+        for jwk in data.get("keys", []) if isinstance(data, dict) else []:
+            if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
+                continue
+            try:
+                key = jwt.PyJWK(jwk)
+            except jwt.PyJWTError:
+                continue  # a key type or curve we do not verify with
+            if key.algorithm_name in s.algorithms:
+                keys[jwk.get("kid")] = key
+        self.keys = keys
+        self.fetched_at = time.monotonic()
+        self.fetches += 1
+
+
+class OIDCUserAuthentication(ExternalUserAuthentication):
+    class Settings(ExternalAuthSettings):
+        mode: Literal["introspection", "jwt"]
+        issuer: str = Field("", description="Expected iss; required in jwt mode.")
+        audience: list[str] = Field(min_length=1, description="Accepted aud (or client_id).")
+        # introspection mode
+        introspection_url: str = ""
+        client_id: str = ""
+        client_secret_env: str = ""
+        client_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+        # jwt mode
+        jwks_url: str = ""
+        algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
+        jwks_min_refetch_seconds: float = Field(30.0, ge=0)
+        jwks_max_age_seconds: float = Field(3600.0, gt=0)
+        leeway_seconds: float = Field(30.0, ge=0, le=300)
+        # claims
+        username_claim: str = "preferred_username"
+        email_claim: str = "email"
+        first_name_claim: str = "given_name"
+        last_name_claim: str = "family_name"
+        groups_claim: str = "groups"
+        required_group: str | None = None
+
+        @field_validator("algorithms")
+        @classmethod
+        def _asymmetric_only(cls, value: list[str]) -> list[str]:
+            bad = [a for a in value if a not in SAFE_ALGORITHMS]
+            if bad:
+                raise ValueError(f"{bad} not allowed; use some of {list(SAFE_ALGORITHMS)}")
+            return value
+
+        @field_validator("client_secret_env")
+        @classmethod
+        def _secret_set(cls, value: str) -> str:
+            return env_is_set(value) if value else value
+
+        @model_validator(mode="after")
+        def _mode_needs(self) -> OIDCUserAuthentication.Settings:
+            needed = {"introspection": ("introspection_url", "client_id", "client_secret_env"),
+                      "jwt": ("jwks_url", "issuer")}[self.mode]
+            missing = [k for k in needed if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"mode {self.mode!r} needs {', '.join(missing)}")
+            return self
+
+    settings: Settings
+
+    def __init__(self, name: str, settings: Any) -> None:
+        super().__init__(name, settings)
+        self.jwks = JwksCache(self)
+
+    async def _verify(self, token: str) -> tuple[UserInfo, float | None]:
+        if self.settings.mode == "jwt":
+            claims = await self._jwt_claims(token)
+        else:
+            claims = await self._introspected_claims(token)
+        exp = claims.get("exp")
+        return self._user(claims), float(exp) if isinstance(exp, int | float) else None
+
+    async def _jwt_claims(self, token: str) -> dict[str, Any]:
+        s = self.settings
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise reject(f"not a JWT: {exc}") from None
+        alg = header.get("alg")
+        if alg not in s.algorithms:
+            raise reject(f"JWT algorithm {alg!r} not allowed")
+        key = await self.jwks.key(header.get("kid"))
+        if key is None:
+            raise reject(f"JWT signed with unknown key {header.get('kid')!r}")
+        try:
+            return jwt.decode(
+                token, key=key, algorithms=s.algorithms, audience=s.audience, issuer=s.issuer,
+                leeway=s.leeway_seconds, options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise reject(f"JWT rejected: {type(exc).__name__}: {exc}") from None
+
+    async def _introspected_claims(self, token: str) -> dict[str, Any]:
+        s = self.settings
+        secret = os.environ.get(s.client_secret_env, "")
+        form = {"token": token, "token_type_hint": "access_token"}
+        kwargs: dict[str, Any] = {"data": form}
+        if s.client_auth == "client_secret_basic":
+            kwargs["auth"] = (s.client_id, secret)
+        else:
+            form.update(client_id=s.client_id, client_secret=secret)
+        response = await self._call("POST", s.introspection_url, **kwargs)
+        if response.status_code != 200:
+            raise BackendError(MISCONFIGURED, log_message=(
+                f"introspection answered {response.status_code}: {response.text[:200]}"
+            ))
+        claims = self._json(response, "introspection")
+        if not isinstance(claims, dict) or claims.get("active") is not True:
+            raise reject("token not active")
+        now = time.time()
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        if isinstance(exp, int | float) and exp <= now - s.leeway_seconds:
+            raise reject("token expired")
+        if isinstance(nbf, int | float) and nbf > now + s.leeway_seconds:
+            raise reject("token not valid yet")
+        if s.issuer and claims.get("iss") != s.issuer:
+            raise reject(f"token issued by {claims.get('iss')!r}")
+        if not set(s.audience) & {*as_list(claims.get("aud")), *as_list(claims.get("client_id"))}:
+            raise reject("token not meant for this server")
+        return claims
+
+    def _user(self, claims: dict[str, Any]) -> UserInfo:
+        s = self.settings
+        username, email = claims.get(s.username_claim), claims.get(s.email_claim)
+        if not isinstance(username, str) or not username or len(username) > 150:
+            raise reject(f"no usable {s.username_claim!r} claim")
+        if not isinstance(email, str) or not email or len(email) > 254:
+            raise reject(f"{username!r} has no {s.email_claim!r} claim")
+        if s.required_group is not None and s.required_group not in as_list(
+                claims.get(s.groups_claim)):
+            raise Forbidden(NOT_IN_GROUP, log_message=(
+                f"{username!r} is not in group {s.required_group!r}"))
+        first, last = claims.get(s.first_name_claim), claims.get(s.last_name_claim)
+        return UserInfo(username=username, email=email,
+                        first_name=first if isinstance(first, str) else "",
+                        last_name=last if isinstance(last, str) else "")

@@ -1,0 +1,142 @@
+"""Fixtures for sign-in through external identity providers.
+
+One fake provider (``fake_provider.py``) on loopback for the session, and one app per sign-in
+method, each built from its own config under ``tests/data/`` (the provider's URL filled in),
+on the session's real database and Temporal, served by uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import tomllib
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from tests.conftest import TESTS, free_port
+from tests.identity.fake_provider import FakeProvider
+
+SECRET_ENV = "UWS_TEST_IDP_SECRET"
+SECRET = "s3cret-for-tests"
+GLOBUS_CLIENT = "uws-globus-client"
+ALLOWED_GROUP = "6f9c2a52-0000-4000-8000-00000000beef"
+
+
+@asynccontextmanager
+async def serve(app: Any, lifespan: str = "on") -> AsyncIterator[str]:
+    """``app`` on a free loopback port in this event loop; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan=lifespan))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture(scope="session")
+def idp_secret() -> Iterator[str]:
+    os.environ[SECRET_ENV] = SECRET
+    yield SECRET
+    os.environ.pop(SECRET_ENV, None)
+
+
+@pytest.fixture(scope="session")
+async def provider(idp_secret: str) -> AsyncIterator[FakeProvider]:
+    idp = FakeProvider(clients={"uws-rs": idp_secret, GLOBUS_CLIENT: idp_secret})
+    async with serve(idp, lifespan="off") as url:
+        idp.issuer = url
+        yield idp
+
+
+@pytest.fixture(autouse=True)
+def provider_up(request: pytest.FixtureRequest) -> Any:
+    """A test that makes the provider fail cannot leave it failing for the next one."""
+    yield
+    if "provider" in request.fixturenames:
+        request.getfixturevalue("provider").fail_with = None
+
+
+def config_text(name: str, provider_url: str) -> str:
+    text = (TESTS / "data" / name).read_text()
+    return text.replace("@PROVIDER@", provider_url).replace(
+        "@OS_USER@", pwd.getpwuid(os.geteuid()).pw_name)
+
+
+def build_from(name: str, provider_url: str, data_dir: Path):
+    from controllers.registry import build_controllers
+    from core.config import parse_config
+
+    path = TESTS / "data" / name
+    config = parse_config(tomllib.loads(config_text(name, provider_url)), path)
+    return build_controllers(config, file=str(path), data_dir=data_dir)
+
+
+def _app_fixture(config_name: str) -> Callable[..., Any]:
+    # Module scope: each auth method's app serves its own module's tests.
+    @pytest.fixture(scope="module")
+    async def fixture(provider, settings, data_dir, temporal_env, engine
+                      ) -> AsyncIterator[httpx.AsyncClient]:
+        from api.app import create_app
+
+        controllers = build_from(config_name, provider.issuer, data_dir)
+        app = create_app(settings, controllers=controllers, temporal=temporal_env.client)
+        async with (serve(app) as url,
+                    httpx.AsyncClient(base_url=url, timeout=30) as client):
+            client.controllers = controllers  # type: ignore[attr-defined]
+            yield client
+    return fixture
+
+
+globus_client = _app_fixture("identity-globus.toml")
+introspection_client = _app_fixture("identity-oidc-introspection.toml")
+jwt_client = _app_fixture("identity-oidc-jwt.toml")
+
+
+async def sign_in(client: httpx.AsyncClient, token: str) -> httpx.Response:
+    return await client.post("/tokens/", json={"auth_token": token})
+
+
+async def assert_works(client: httpx.AsyncClient, token: str) -> str:
+    """Sign in with a provider token, then use the UWS key on an authenticated endpoint."""
+    r = await sign_in(client, token)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["success"] is True and body["message"] == "Successful authentication."
+    key = body["token"]
+    r = await client.get("/workspaces/", headers={"UWS-Authorization": f"Token {key}"})
+    assert r.status_code == 200, r.text
+    return key
+
+
+async def assert_refused(client: httpx.AsyncClient, token: str) -> None:
+    r = await sign_in(client, token)
+    assert r.status_code == 401, r.text
+    assert r.json() == {"success": False, "message": "Incorrect authentication credentials."}
+
+
+async def assert_forbidden(client: httpx.AsyncClient, token: str, message: str) -> None:
+    """Signed in but not admitted (a group is missing): 403 and no token."""
+    r = await sign_in(client, token)
+    assert r.status_code == 403, r.text
+    assert r.json() == {"success": False, "message": message}
+
+
+async def user_row(username: str) -> dict[str, Any] | None:
+    from db.tables import User
+
+    return await User.select(User.username, User.email, User.first_name, User.last_name
+                             ).where(User.username == username).first()

@@ -13,29 +13,37 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from controllers.auth.globus import GlobusUserAuthentication
 from controllers.auth.local import LocalUserAuthentication
+from controllers.auth.oidc import OIDCUserAuthentication
 from controllers.base import AuthMethod, ComputeResource, JobType, Plugin, StorageMethod
 from controllers.job_types.appyter import AppyterJob
+from controllers.job_types.batch_script import BatchScriptJob
 from controllers.job_types.jupyter_lab import JupyterLabJob
 from controllers.job_types.local_test import LocalTestJob
 from controllers.notify.email import EmailConfigError, EmailNotifier, EmailSettings
 from controllers.resources.local import LocalResource
+from controllers.resources.slurm import SlurmResource
 from controllers.storage.local_fs import LocalFileSystemStorage
 from core.config import AppConfig, ConfigError
 
 AUTH_METHODS: dict[str, type[AuthMethod]] = {
     "LocalUserAuthentication": LocalUserAuthentication,
+    "GlobusUserAuthentication": GlobusUserAuthentication,
+    "OIDCUserAuthentication": OIDCUserAuthentication,
 }
 STORAGE_METHODS: dict[str, type[StorageMethod]] = {
     "LocalFileSystemStorage": LocalFileSystemStorage,
 }
 RESOURCES: dict[str, type[ComputeResource]] = {
     "LocalResource": LocalResource,
+    "SlurmResource": SlurmResource,
 }
 JOB_TYPES: dict[str, type[JobType]] = {
     "LocalTestJob": LocalTestJob,
     "JupyterLabJob": JupyterLabJob,
     "AppyterJob": AppyterJob,
+    "BatchScriptJob": BatchScriptJob,
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from temporalio import activity
 
+from activities.heartbeat import heartbeating
 from controllers.base import ExternalAccount, JobContext, LaunchRequest
 from controllers.registry import Controllers
 from db import accounts, reads
@@ -50,6 +51,11 @@ class JobActivities:
 
     @activity.defn(name="prepare_job")
     async def prepare_job(self, inp: JobInput) -> PrepareResult:
+        # Heartbeats, as for launch: a worker killed here is replaced in seconds.
+        async with heartbeating(_HEARTBEAT_SECONDS):
+            return await self._prepare(inp)
+
+    async def _prepare(self, inp: JobInput) -> PrepareResult:
         location = await workspace_location(inp.workspace_id)
         if location is None or not location["file_path"]:
             raise RuntimeError(f"workspace {inp.workspace_id} has no directory")
@@ -72,11 +78,14 @@ class JobActivities:
     async def launch_job(self, inp: LaunchInput) -> dict[str, Any]:
         resource = self._c.resources[inp.resource_name]
         account = await self._account(inp.user_id, inp.resource_name)
-        return await resource.launch(LaunchRequest(
-            job_id=inp.job_id, script=inp.script, workdir=inp.workdir, account=account,
-            resource_options=inp.resource_options, env=inp.env,
-            time_limit_min=inp.time_limit_min,
-        ))
+        # Heartbeats: a worker killed mid-launch is noticed in seconds and the launch is
+        # retried elsewhere (finding the job it submitted), not after the whole timeout.
+        async with heartbeating(_HEARTBEAT_SECONDS):
+            return await resource.launch(LaunchRequest(
+                job_id=inp.job_id, script=inp.script, workdir=inp.workdir, account=account,
+                resource_options=inp.resource_options, env=inp.env,
+                time_limit_min=inp.time_limit_min,
+            ))
 
     @activity.defn(name="watch_job")
     async def watch_job(self, inp: WatchInput) -> WatchResult:
@@ -85,8 +94,12 @@ class JobActivities:
         resource = self._c.resources[inp.resource_name]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + inp.timeout_seconds
+        shown = False
         while True:
             state = await resource.poll(inp.handle)
+            if state.details and state.status == inp.known_status == "running" and not shown:
+                shown = True  # once per watch: a write (and NOTIFY) per chunk, not per poll
+                await self._show_details(inp.handle, state.details)
             remaining = deadline - loop.time()
             if state.status != inp.known_status or remaining <= 0:
                 break
@@ -99,9 +112,18 @@ class JobActivities:
         return WatchResult(status=state.status, detail=state.detail, exit_code=state.exit_code,
                            core_hours=state.core_hours, hostname=state.hostname)
 
+    @staticmethod
+    async def _show_details(handle: dict[str, Any], details: dict[str, Any]) -> None:
+        """What the resource tells of a running job (time left, say) goes into the job's
+        current_job_details; a write after the job left ``running`` changes nothing."""
+        job_id = handle.get("job_id")
+        if isinstance(job_id, int):
+            await job_rows.record_status(job_id, "running", current_job_details=details)
+
     @activity.defn(name="stop_job")
     async def stop_job(self, inp: StopJobInput) -> None:
-        await self._c.resources[inp.resource_name].stop(inp.handle, inp.grace_seconds)
+        async with heartbeating(_HEARTBEAT_SECONDS):  # a stop may wait out a grace period
+            await self._c.resources[inp.resource_name].stop(inp.handle, inp.grace_seconds)
 
     @activity.defn(name="job_connection")
     async def job_connection(self, inp: ConnectionInput) -> ConnectionResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 from datetime import timedelta
 from typing import Any
@@ -20,6 +21,11 @@ from db.queries import set_workspace_status_if
 from workflows.models import ShareCopyResult, ShareRef, WorkspaceStatusInput
 
 _HEARTBEAT_SECONDS = 2.0
+
+
+def _out_of_space(err: BaseException) -> bool:
+    cause = err.__cause__
+    return isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _name(first: str, last: str, fallback: str) -> str:
@@ -64,6 +70,11 @@ class ShareActivities:
             done = await storage.copy_workspace(row["o_path"], target, account,
                                                 resume_after=resume_after, progress=record)
         except BackendError as err:
+            if _out_of_space(err):
+                # It cannot finish: give back what its partial files took (a full disk
+                # would stay full), keeping the empty directory its row names.
+                await storage.delete_workspace(target)
+                await storage.create_workspace(target, account)
             raise ApplicationError(err.user_message, type="CopyRefused",
                                    non_retryable=True) from err
         finally:

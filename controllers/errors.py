@@ -37,5 +37,10 @@ class BackendError(ControllerError):
     """The backing system failed in a way the user cannot fix (a 500)."""
 
 
+class InsufficientStorage(ControllerError):
+    """The storage has no room left for what was asked (a 507): the request itself was
+    fine and within every limit the server sets."""
+
+
 class Unavailable(ControllerError):
     """The backing system cannot be reached right now; retrying later may work (a 503)."""

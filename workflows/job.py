@@ -133,6 +133,7 @@ class JobWorkflow:
         prep: PrepareResult = await workflow.execute_activity(
             "prepare_job", inp, result_type=PrepareResult,
             start_to_close_timeout=timedelta(minutes=5), retry_policy=_RETRY_FOREVER,
+            heartbeat_timeout=_WATCH_HEARTBEAT,  # a killed worker's attempt: retried soon
         )
         if st.stop_requested:
             return
@@ -145,6 +146,8 @@ class JobWorkflow:
             ),
             result_type=dict,
             start_to_close_timeout=timedelta(minutes=5), retry_policy=_RETRY_FOREVER,
+            # A worker killed mid-launch: retried after this, not after the whole timeout.
+            heartbeat_timeout=_WATCH_HEARTBEAT,
         )
         st.handle = handle
         st.phase = "launched"
@@ -257,7 +260,7 @@ class JobWorkflow:
         await workflow.execute_activity(
             "stop_job", StopJobInput(resource_name=inp.resource_name, handle=st.handle),
             start_to_close_timeout=timedelta(minutes=2),
-            retry_policy=_RETRY_FOREVER,
+            retry_policy=_RETRY_FOREVER, heartbeat_timeout=_WATCH_HEARTBEAT,
         )
         final: WatchResult = await workflow.execute_activity(
             "watch_job",

@@ -46,14 +46,18 @@ def _event(row: dict[str, Any]) -> dict[str, Any]:
             "current_job_details": details.get("current_job_details", {})}
 
 
-async def _current(user: AuthUser, job_id: int | None) -> list[dict[str, Any]]:
+async def _current(user: AuthUser, job_id: int | None,
+                   shown: set[int] | None = None) -> list[dict[str, Any]]:
+    """The job, or all active jobs plus those in ``shown`` (the ones this socket told of
+    before: after a resync, a job that ended meanwhile must show its end, not vanish)."""
     columns = (Job.id, Job.workspace, Job.status, Job.job_details)
     if job_id is not None:
         rows = await Job.select(*columns).where((Job.id == job_id) & (Job.user == user.id))
     else:
-        rows = await Job.select(*columns).where(
-            (Job.user == user.id) & Job.status.is_in(list(ACTIVE_JOB_STATUSES))
-        ).order_by(Job.id)
+        wanted = Job.status.is_in(list(ACTIVE_JOB_STATUSES))
+        if shown:
+            wanted = wanted | Job.id.is_in(list(shown))
+        rows = await Job.select(*columns).where((Job.user == user.id) & wanted).order_by(Job.id)
     return [_event(r) for r in rows]
 
 
@@ -73,14 +77,14 @@ async def _serve(socket: WebSocket[Any, Any, Any], job_id: int | None, raw_id: s
             return
         for event in current:
             await socket.send_json(event)
-        await _pump(socket, sub, user, job_id)
+        await _pump(socket, sub, user, job_id, {e["id"] for e in current})
     finally:
         bus.unsubscribe(sub)
         WEBSOCKET_SUBSCRIBERS.dec()
 
 
 async def _pump(socket: WebSocket[Any, Any, Any], sub: Subscription, user: AuthUser,
-                job_id: int | None) -> None:
+                job_id: int | None, shown: set[int]) -> None:
     """Forward events until the client goes away (its messages are read and ignored)."""
     async def client_gone() -> None:
         with contextlib.suppress(WebSocketDisconnect):
@@ -96,8 +100,10 @@ async def _pump(socket: WebSocket[Any, Any, Any], sub: Subscription, user: AuthU
                 getter.cancel()
                 break
             event = getter.result()
-            events = await _current(user, job_id) if event is RESYNC else [_public(event)]
+            events = await _current(user, job_id, shown) if event is RESYNC else \
+                [_public(event)]
             for item in events:
+                shown.add(item["id"])
                 await socket.send_json(item)
     except WebSocketDisconnect:
         pass

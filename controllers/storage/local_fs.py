@@ -40,7 +40,12 @@ from controllers.base import (
     SymlinkSpec,
     WorkspaceScan,
 )
-from controllers.errors import BackendError, InvalidRequest, PayloadTooLarge
+from controllers.errors import (
+    BackendError,
+    InsufficientStorage,
+    InvalidRequest,
+    PayloadTooLarge,
+)
 
 T = TypeVar("T")
 
@@ -60,6 +65,8 @@ _NOT_CONFINABLE = {errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno
 # swapped for a FIFO between listing and open cannot hang the copy.
 _SOURCE_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _COPY_TEMP = re.compile(r"\.uws-copy-[0-9a-f]+\.part")
+# errnos meaning "the file system (or the account's quota on it) is full".
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 # errnos meaning "this source entry vanished or changed type since it was listed".
 _SOURCE_CHANGED = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EINVAL, errno.ENXIO}
 # errnos meaning "this kernel or file system cannot do an in-kernel copy of these files".
@@ -319,12 +326,17 @@ class LocalFileSystemStorage(StorageMethod):
                 partial(_finish_upload, handed_over, ws_fd, temp, name, filename, owner)
             )
             return size
-        except BaseException:
+        except BaseException as exc:
             # Synchronous on purpose: this also runs on cancellation, where awaiting again
             # could be interrupted. Both calls are single quick syscalls.
             if fd is not None:
                 os.close(fd)
             _unlink_quietly(temp, ws_fd)
+            if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+                raise InsufficientStorage(
+                    "Not enough space left on the storage to save this upload.",
+                    log_message=f"upload of {filename!r} into {path}: {exc}",
+                ) from exc
             raise
         finally:
             os.close(ws_fd)

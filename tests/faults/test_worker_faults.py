@@ -1,0 +1,127 @@
+"""The worker SIGKILLed in each phase of a job (launching, running, stopping, and jobs
+still pending while no worker runs), and the Temporal dev server restarted on its SQLite
+file: a new worker finishes every job, each ran once on the resource, and the jobs table,
+the workflows and the job directories agree."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.helpers import (
+    assert_consistent,
+    db_fetch,
+    new_user,
+    new_workspace,
+    start_job,
+    wait_status,
+)
+from tests.stack import Stack
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("worker-faults"), apis=1, workers=1)
+    try:
+        yield s.start()
+    finally:
+        s.close()
+
+
+async def _workspace_dir(stack: Stack, workspace_id: int) -> Path:
+    rows = await db_fetch(stack, "SELECT file_path FROM uws_workspace WHERE id = $1",
+                          workspace_id)
+    return Path(rows[0]["file_path"])
+
+
+def _kill_inside_launch(jobs_dir: Path, timeout: float = 30) -> dict[str, bool]:
+    """SIGKILL target: the first moment a launch wrote its wrapper. Returns what that
+    launch had done by then (a busy loop on purpose: the window is milliseconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if jobs_dir.is_dir():
+            for job in jobs_dir.iterdir():
+                if (job / ".uws-run.sh").exists():
+                    return {"wrapper": True, "pid": (job / ".uws-pid").exists(),
+                            "record": (job / ".uws-launch.json").exists()}
+        time.sleep(0.001)
+    raise AssertionError("no launch began")
+
+
+async def test_worker_killed_during_launch(stack: Stack, client_key: str) -> None:
+    user = await new_user(stack, client_key)
+    async with user.http() as http:
+        ws = await new_workspace(http)
+        jobs_dir = await _workspace_dir(stack, ws) / ".jobs"
+        jobs = [await start_job(http, ws, 2) for _ in range(3)]
+    seen = await asyncio.to_thread(_kill_inside_launch, jobs_dir)
+    stack.workers[0].kill()
+    print(f"worker killed inside a launch: {seen}")
+    stack.start_worker(0)
+    started = time.monotonic()
+    await assert_consistent(stack, dict.fromkeys(jobs, "complete"))
+    print(f"launch kill: all {len(jobs)} jobs complete {time.monotonic() - started:.1f}s "
+          "after the new worker started")
+
+
+async def test_worker_killed_while_running_stopping_and_pending(
+    stack: Stack, client_key: str
+) -> None:
+    user = await new_user(stack, client_key)
+    async with user.http() as http:
+        ws = await new_workspace(http)
+        running = [await start_job(http, ws, 6) for _ in range(2)]
+        to_stop = await start_job(http, ws, 300)
+        await wait_status(stack, [*running, to_stop], ("running",))
+        r = await http.put(f"/jobs/{to_stop}/stop/")
+        assert r.status_code == 200, r.text
+        stack.workers[0].kill()
+        at_kill = await db_fetch(stack, "SELECT id, status FROM uws_job WHERE id = ANY($1)",
+                                 [*running, to_stop])
+        # Started while no worker runs: it stays pending, with its workflow waiting.
+        pending = await start_job(http, ws, 1)
+        await asyncio.sleep(1)
+        assert (await db_fetch(stack, "SELECT status FROM uws_job WHERE id = $1",
+                               pending))[0]["status"] == "pending"
+    print(f"at the kill: { {r['id']: r['status'] for r in at_kill} }")
+    stack.start_worker(0)
+    started = time.monotonic()
+    rows = await assert_consistent(stack, dict.fromkeys([*running, to_stop, pending],
+                                                        "complete"))
+    print(f"running/stopping/pending kill: all complete {time.monotonic() - started:.1f}s "
+          "after the new worker started")
+    message = rows[to_stop]["job_details"]
+    assert "Stopped by user." in str(message), message
+
+
+async def test_temporal_restart(stack: Stack, client_key: str) -> None:
+    user = await new_user(stack, client_key)
+    async with user.http() as http:
+        ws = await new_workspace(http)
+        running = [await start_job(http, ws, 5) for _ in range(2)]
+        await wait_status(stack, running, ("running",))
+        stack.temporal.proc.kill()
+        # A job started while Temporal is down: the API keeps trying for a while, then
+        # either gets through (Temporal is back) or answers 503 and fails the job's row.
+        attempt = asyncio.create_task(http.put(
+            f"/workspaces/{ws}/start/", json={"job_details": {"duration_seconds": 1}}))
+        await asyncio.sleep(2)
+        stack.temporal.start()
+        restarted = time.monotonic()
+        r = await attempt
+    print(f"start while Temporal was down: {r.status_code} {r.text[:200]}")
+    expected = dict.fromkeys(running, "complete")
+    if r.status_code == 200:
+        expected[r.json()["data"]["job"]["id"]] = "complete"
+    else:
+        assert r.status_code == 503, r.text
+        assert r.json()["success"] is False
+        assert "workflow service is unavailable" in r.json()["message"]
+    await assert_consistent(stack, expected)
+    print(f"Temporal restart: jobs final {time.monotonic() - restarted:.1f}s after restart")

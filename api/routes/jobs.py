@@ -13,7 +13,7 @@ from api.body import json_body, query_filters
 from api.errors import BadRequest, NotFound
 from api.ids import parse_id
 from api.job_timeline import job_timeline
-from api.responses import json_response
+from api.responses import JSON_OBJECT, json_response
 from api.serializers import job_json
 from api.session_links import with_ticket
 from api.state import app_state
@@ -70,14 +70,14 @@ class JobRoutes(Controller):
     path = "/jobs"
     tags = ["jobs"]
 
-    @get("/", operation_id="listJobs")
+    @get("/", operation_id="listJobs", responses=JSON_OBJECT)
     async def list_jobs(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """The caller's jobs, filtered by ``workspace_id``, ``resource_job_id``,
         ``job_type``, ``status``."""
         query = _filtered(request, current_user(request))
         return _listing(request, await query if query is not None else [])
 
-    @get("/{job_id:str}/", operation_id="getJob")
+    @get("/{job_id:str}/", operation_id="getJob", responses=JSON_OBJECT)
     async def get_job(
         self, request: Request[Any, Any, Any], job_id: FromPath[str]
     ) -> Response[bytes]:

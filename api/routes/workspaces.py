@@ -17,7 +17,7 @@ from api.errors import BadRequest, NotFound, ServerError, Unprocessable
 from api.ids import parse_id
 from api.job_start import start_job
 from api.multipart import MultipartReader, boundary_of
-from api.responses import json_response
+from api.responses import JSON_OBJECT, json_response
 from api.serializers import job_json, workspace_json
 from api.state import AppState, app_state
 from api.workspace_details import parse_workspace_details, request_details
@@ -68,7 +68,8 @@ async def _account_for(state: AppState, user: AuthUser) -> ExternalAccount:
 
 
 def _check_job_type(state: AppState, value: Any) -> None:
-    if value not in state.controllers.config.available_job_types:
+    # Any JSON value may arrive here; a list or an object is no job type (nor hashable).
+    if not isinstance(value, str) or value not in state.controllers.config.available_job_types:
         raise BadRequest(f"{value} is not in the list of available job types.")
 
 
@@ -84,14 +85,14 @@ class WorkspaceRoutes(Controller):
     path = "/workspaces"
     tags = ["workspaces"]
 
-    @get("/", operation_id="listWorkspaces")
+    @get("/", operation_id="listWorkspaces", responses=JSON_OBJECT)
     async def list_workspaces(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """The caller's workspaces, filtered by ``name``, ``description``, ``status``.
         Shared copies not yet accepted are not listed."""
         user = current_user(request)
         return _listing(await reads.workspaces(user.id, query_filters(request, _FILTERS)))
 
-    @get("/{workspace_id:str}/", operation_id="getWorkspace")
+    @get("/{workspace_id:str}/", operation_id="getWorkspace", responses=JSON_OBJECT)
     async def get_workspace(
         self, request: Request[Any, Any, Any], workspace_id: FromPath[str]
     ) -> Response[bytes]:

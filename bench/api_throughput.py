@@ -39,6 +39,11 @@ from core.devstack import (
 )
 from core.settings import Settings
 
+try:
+    from bench.report import emit
+except ModuleNotFoundError:  # run as a script: bench/ is first on sys.path
+    from report import emit  # type: ignore[no-redef]
+
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 LOCAL_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -410,6 +415,11 @@ def _run(args: argparse.Namespace, wrk: str, tmp: Path, logs: Path,
         pair_rows, warmup_errors = measure(wrk, (authed, constant), args)
         rows += pair_rows
         ratios.append((cache_label, pair_rows[0].mean("rps") / pair_rows[1].mean("rps")))
+        for row in pair_rows:
+            tag = "" if cache_label in row.label else f" (server: token {cache_label})"
+            emit("api_throughput", f"{row.label}{tag} req/s", row.mean("rps"), "req/s")
+            emit("api_throughput", f"{row.label}{tag} p50", row.mean("p50_ms"), "ms")
+            emit("api_throughput", f"{row.label}{tag} p99", row.mean("p99_ms"), "ms")
         errors += warmup_errors + sum(r.total("non_2xx") + r.total("socket_errors")
                                       for r in pair_rows)
         if warmup_errors:
@@ -418,7 +428,10 @@ def _run(args: argparse.Namespace, wrk: str, tmp: Path, logs: Path,
     print_table(rows)
     for cache_label, ratio in ratios:
         print(f"ratio authenticated/constant = {ratio:.2f}  (token {cache_label})")
+        emit("api_throughput", f"authenticated/constant req/s (token {cache_label})", ratio,
+             "ratio")
     print(f"errors = {errors}")
+    emit("api_throughput", "errors", errors, "count")
     return 1 if errors else 0
 
 

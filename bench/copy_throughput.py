@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
     # `python bench/copy_throughput.py` puts bench/, not the repository, on the path.
     sys.path.insert(0, str(REPO))
 
+from bench.report import emit  # noqa: E402
 from controllers.base import CopyProgress, ExternalAccount  # noqa: E402
 from controllers.storage import local_fs  # noqa: E402
 from controllers.storage.local_fs import LocalFileSystemStorage  # noqa: E402
@@ -186,10 +187,13 @@ def summarise(runs: list[Run]) -> None:
         fps = sum(run.files_per_s for run in mine) / len(mine)
         means[method] = mb
         print(f"mean {method:6} {mb:8.1f} MB/s {fps:9.0f} files/s over {len(mine)} runs")
+        emit("copy_throughput", f"{method} copy", mb, "MB/s")
+        emit("copy_throughput", f"{method} copy files", fps, "files/s")
     print(
         f"ratio ours/cp (throughput): {means['ours'] / means['cp -a']:.2f}"
         f" (ours: {local_fs.COPY_THREADS} copy threads)"
     )
+    emit("copy_throughput", "ours/cp MB/s", means["ours"] / means["cp -a"], "ratio")
 
 
 def parse_args() -> argparse.Namespace:

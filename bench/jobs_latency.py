@@ -63,6 +63,7 @@ from bench.api_throughput import (  # noqa: E402
     start_child,
     user_token,
 )
+from bench.report import emit  # noqa: E402
 from core.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 
 try:
@@ -342,7 +343,11 @@ def latency_rows(tag: str, jobs: list[Job], events: Events, data_dir: Path,
 
 def print_table(rows: list[Series]) -> None:
     print(f"\n{'seconds':<40} {'n':>4} {'p50':>7} {'p99':>7} {'max':>7}  target (p50)")
+    parent = ""
     for row in rows:
+        # An indented row splits the row above it: its figures are named after both.
+        name = f"{parent}: {row.label.strip()}" if row.label.startswith(" ") else row.label
+        parent = parent if row.label.startswith(" ") else row.label
         if not row.values:
             print(f"{row.label:<40} {0:>4}  (no data; {row.missing} missing)")
             continue
@@ -353,6 +358,8 @@ def print_table(rows: list[Series]) -> None:
         missing = f"  ({row.missing} missing)" if row.missing else ""
         print(f"{row.label:<40} {len(row.values):>4} {p50:7.3f} {row.pct(99):7.3f} "
               f"{max(row.values):7.3f}  {target}{missing}")
+        emit("jobs_latency", f"{name} p50", p50, "s")
+        emit("jobs_latency", f"{name} p99", row.pct(99), "s")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -492,6 +499,7 @@ def print_cpu(rows: list[tuple[str, CpuReport]], hold_hint: float) -> None:
                 ("met" if both < TARGET_CORES else "MISSED")
         print(f"{label:<40} {cpu.seconds:5.1f} {c['worker']:7.3f} {c['temporal']:8.3f} "
               f"{both:6.3f} {c['api']:6.3f} {c['machine']:8.3f}{verdict}")
+        emit("jobs_latency", f"cores worker+temporal ({label})", both, "cores")
     if rows[-1][1].shortened:
         print("(steady-state window shortened: the first jobs were about to exit; "
               f"rerun with --hold above {hold_hint:.0f} for the whole window)")
@@ -502,6 +510,7 @@ def print_cpu(rows: list[tuple[str, CpuReport]], hold_hint: float) -> None:
 def print_starts(result: dict[str, Any], requested: int) -> None:
     jobs, seconds = result["jobs"], result["start_seconds"]
     round_trips = Series("", [j.answered - j.sent for j in jobs])
+    emit("jobs_latency", "start endpoint", requested / seconds, "req/s")
     print(f"\nstart endpoint: {requested} requests ({START_CONCURRENCY} in flight) in "
           f"{seconds:.2f}s = {requested / seconds:.1f} req/s; {len(jobs)} accepted, "
           f"{len(result['failures'])} refused", end="")
@@ -563,6 +572,7 @@ async def measure(st: Stack, args: argparse.Namespace) -> int:
     if conc is not None:
         print_outcome("concurrent", conc["jobs"], conc["not_complete"], conc["not_listed"])
         failed += len(conc["not_complete"]) + len(conc["not_listed"]) + len(conc["failures"])
+    emit("jobs_latency", "jobs not completed", failed, "count")
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 1 if failed or conc is None else 0

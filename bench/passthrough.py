@@ -38,6 +38,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+try:
+    from bench.report import emit
+except ModuleNotFoundError:  # run as a script: bench/ is first on sys.path
+    from report import emit  # type: ignore[no-redef]
+
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 BASE = "/passthrough/h/1/"
@@ -366,6 +371,15 @@ def print_report(direct: Result, relayed: Result, jupyter_body: bytes,
           f"{'met' if mb_ratio >= 0.7 else 'NOT met'})")
     print(f"WebSocket added latency: p50 {added_p50:+.3f} ms (target < 1 ms: "
           f"{'met' if added_p50 < 1 else 'NOT met'}), p99 {added_p99:+.3f} ms")
+    for metric, value, unit in (
+            ("relay/direct small req/s, trivial upstream", rps_ratio, "ratio"),
+            (f"relay/direct small req/s, {jl}", jl_ratio, "ratio"),
+            ("relay/direct download MB/s", mb_ratio, "ratio"),
+            ("WebSocket added latency p50", added_p50, "ms"),
+            ("WebSocket added latency p99", added_p99, "ms"),
+            ("relay download", relayed.mb_s, "MB/s"),
+            ("relay small GET, trivial upstream", relayed.rps, "req/s")):
+        emit("passthrough", metric, value, unit)
     print(f"\nwrk: {args.connections} connections, {args.threads} threads, "
           f"{args.duration} s after {WARMUP_SECONDS} s warm-up; {os.cpu_count()} CPUs shared "
           "by wrk, the upstream and the relay (one uvicorn process each).")

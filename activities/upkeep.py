@@ -30,11 +30,20 @@ class UpkeepActivities:
         rows = await reads.fetch(
             "SELECT id, file_path, storage_name FROM uws_workspace "
             "WHERE status IN ('idle', 'active') AND file_path <> '' ORDER BY id")
+        scanned = 0
         async with heartbeating():
             for row in rows:
-                storage = self._c.storage_for(row["storage_name"])
-                await store_scan(row["id"], await storage.scan(row["file_path"]))
-        return len(rows)
+                # One workspace that cannot be scanned (a storage since removed from the
+                # config, a path outside its root) must not keep every other one stale.
+                try:
+                    storage = self._c.storage_for(row["storage_name"])
+                    scan = await storage.scan(row["file_path"])
+                except Exception as exc:
+                    activity.logger.warning("workspace %s not rescanned: %s", row["id"], exc)
+                    continue
+                await store_scan(row["id"], scan)
+                scanned += 1
+        return scanned
 
     @activity.defn(name="recompute_usage")
     async def recompute_usage(self, _: UpkeepInput) -> UsageResult:

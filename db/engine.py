@@ -27,18 +27,29 @@ async def _keep_session(_: asyncpg.Connection) -> None:
     state behind on pooled connections (LISTEN has a connection of its own)."""
 
 
+# Engines opened and not yet closed, the newest bound to the tables. Production opens one
+# per process; a second one (another app in the same test process) hands the binding back
+# to the first when it closes, rather than leaving the tables on a closed pool.
+_open: list[PostgresEngine] = []
+
+
 async def open_engine(dsn: str, *, min_size: int = 2, max_size: int = 20) -> PostgresEngine:
     """Create the engine, bind the tables to it and open its pool."""
     engine = make_engine(dsn)
-    bind_engine(engine)
     await engine.start_connection_pool(min_size=min_size, max_size=max_size,
                                        reset=_keep_session)
+    bind_engine(engine)
     reads.attach(engine.pool)
+    _open.append(engine)
     return engine
 
 
 async def close_engine(engine: PostgresEngine) -> None:
-    await reads.detach()
+    if engine in _open:
+        _open.remove(engine)
+    if _open:
+        bind_engine(_open[-1])
+    await reads.detach(engine.pool)
     await engine.close_connection_pool()
 
 

@@ -26,6 +26,10 @@ class ReadConnections:
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
         self._background: set[asyncio.Task[Any]] = set()
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         conn = await self._checkout()
         try:
@@ -47,6 +51,8 @@ class ReadConnections:
     async def close(self) -> None:
         """Give every connection back to the pool (before the pool itself closes)."""
         while self._idle:
+            # Released even when the server dropped it: asyncpg then frees its slot (and
+            # releasing a connection it already reclaimed does nothing).
             await self._pool.release(self._idle.popleft())
             self._open -= 1
         if self._background:
@@ -55,7 +61,12 @@ class ReadConnections:
     async def _checkout(self) -> asyncpg.Connection:
         while True:
             if self._idle:
-                return self._idle.popleft()
+                conn = self._idle.popleft()
+                if not _gone(conn):
+                    return conn
+                # The server dropped it (a restart): hand it back and lease another.
+                self._discard(conn, hand_over=False)
+                continue
             if self._open < self._size:
                 self._open += 1
                 try:
@@ -82,12 +93,13 @@ class ReadConnections:
         if not self._hand_over(conn):
             self._idle.append(conn)
 
-    def _discard(self, conn: asyncpg.Connection) -> None:
+    def _discard(self, conn: asyncpg.Connection, *, hand_over: bool = True) -> None:
         self._open -= 1
         task = asyncio.ensure_future(self._pool.release(conn))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        self._hand_over(None)
+        if hand_over:
+            self._hand_over(None)
 
     def _hand_over(self, conn: asyncpg.Connection | None) -> bool:
         """Give ``conn`` (or, with ``None``, a free slot) to the first live waiter."""
@@ -97,3 +109,12 @@ class ReadConnections:
                 waiter.set_result(conn)
                 return True
         return False
+
+
+def _gone(conn: asyncpg.Connection) -> bool:
+    """Whether a leased connection was lost (the server closed it); once asyncpg has
+    cleaned it up, its proxy is detached and even asking raises."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True

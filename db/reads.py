@@ -24,25 +24,26 @@ _ACCEPTED = ("NOT EXISTS (SELECT 1 FROM uws_shared_workspace_mapping m "
 _WORKSPACE_FILTERS = ("name", "description", "status")
 
 
-_readers: ReadConnections | None = None
+# One entry per open pool, the newest in use. A process normally has one; tests that run
+# a second app in the same process get the first one's back when the second one closes.
+_readers: list[ReadConnections] = []
 
 
 def attach(pool: Any) -> None:
-    global _readers
-    _readers = ReadConnections(pool)
+    _readers.append(ReadConnections(pool))
 
 
-async def detach() -> None:
-    global _readers
-    if _readers is not None:
-        readers, _readers = _readers, None
+async def detach(pool: Any) -> None:
+    """Give back the leased connections of ``pool`` (before that pool is closed)."""
+    for readers in [r for r in _readers if r.pool is pool]:
+        _readers.remove(readers)
         await readers.close()
 
 
 def _pool() -> ReadConnections:
-    if _readers is None:
+    if not _readers:
         raise RuntimeError("the database pool is not open")
-    return _readers
+    return _readers[-1]
 
 
 async def token_user(key: str) -> tuple[int, str] | None:

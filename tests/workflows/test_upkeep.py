@@ -61,3 +61,32 @@ async def test_schedules_reconcile_orphans_and_recompute_usage(
         "status": "complete"}
     for schedule_id in (USAGE_SCHEDULE, RECONCILE_SCHEDULE):
         await client.get_schedule_handle(prefix + schedule_id).delete()
+
+
+async def test_rescan_goes_on_past_a_workspace_it_cannot_scan(
+    temporal_env, controllers, engine
+) -> None:
+    """A workspace row whose path is outside the storage root (or whose storage is gone
+    from the config) is skipped and logged; the others are still brought up to date."""
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.upkeep import UpkeepActivities
+    from tests.workflows.test_job_workflow import _job
+    from workflows.models import UpkeepInput
+
+    user_id, good, _, workdir = await _job(controllers)
+    (workdir.parent.parent / "data.bin").write_bytes(b"x" * 4096)
+    outside = (await Workspace.insert(Workspace(
+        user=user_id, name="outside", status="idle", file_path="/etc",
+        storage_name=controllers.main_storage.name, disk_space=7)).returning(Workspace.id))
+    unknown = (await Workspace.insert(Workspace(
+        user=user_id, name="gone", status="idle", file_path="/nowhere",
+        storage_name="removed_storage", disk_space=9)).returning(Workspace.id))
+    activities = UpkeepActivities(controllers, temporal_env.client)
+    scanned = await ActivityEnvironment().run(activities.rescan_all_workspaces, UpkeepInput())
+    assert scanned >= 1
+    row = await Workspace.select(Workspace.disk_space).where(Workspace.id == good).first()
+    assert row["disk_space"] >= 4096
+    for ws, stored in ((outside[0]["id"], 7), (unknown[0]["id"], 9)):
+        row = await Workspace.select(Workspace.disk_space).where(Workspace.id == ws).first()
+        assert row["disk_space"] == stored  # left as it was, not zeroed

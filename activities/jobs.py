@@ -97,9 +97,13 @@ class JobActivities:
         shown = False
         while True:
             state = await resource.poll(inp.handle)
-            if state.details and state.status == inp.known_status == "running" and not shown:
+            if state.status == inp.known_status == "running" and not shown:
                 shown = True  # once per watch: a write (and NOTIFY) per chunk, not per poll
-                await self._show_details(inp.handle, state.details)
+                if inp.deadline_epoch:
+                    await resource.ensure_time_limit(inp.handle, inp.deadline_epoch, state)
+                    state = await resource.poll(inp.handle)
+                if state.details:
+                    await self._show_details(inp.handle, state.details)
             remaining = deadline - loop.time()
             if state.status != inp.known_status or remaining <= 0:
                 break

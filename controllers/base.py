@@ -257,6 +257,12 @@ class ComputeResource(Plugin):
         await asyncio.sleep(timeout)
         return await self.poll(handle)
 
+    async def ensure_time_limit(self, handle: Mapping[str, Any], deadline_epoch: float,
+                                state: JobState) -> None:
+        """Make sure the resource itself will not end the running job before
+        ``deadline_epoch`` (our deadline, moved by an extension). Resources without a
+        limit of their own (a local process: our workflow enforces it) need nothing."""
+
     @abstractmethod
     async def stop(self, handle: Mapping[str, Any], grace_seconds: float) -> None:
         """End the job; stopping one already ended is not an error."""

@@ -56,6 +56,7 @@ _MAX_UNKNOWN_BACKOFF = 60.0
 # A watch heartbeats every few seconds; a worker that died mid-watch is noticed after this.
 _WATCH_HEARTBEAT = timedelta(seconds=15)
 _LOOPS_BEFORE_CONTINUE = 200
+_PATCH_EXTEND_RESTARTS_WATCH = "extend-restarts-watch"
 
 
 def _idle_check_every(timeout_min: float) -> float:
@@ -208,15 +209,25 @@ class JobWorkflow:
         handle = workflow.start_activity(
             "watch_job",
             WatchInput(resource_name=self._inp.resource_name, handle=st.handle,
-                       timeout_seconds=max(seconds, 0.0), known_status=self.status),
+                       timeout_seconds=max(seconds, 0.0), known_status=self.status,
+                       deadline_epoch=st.deadline_epoch),
             result_type=WatchResult,
             start_to_close_timeout=timedelta(seconds=seconds + 120),
             heartbeat_timeout=_WATCH_HEARTBEAT,
             retry_policy=_RETRY_FOREVER,
         )
+        # An extension restarts the watch, whose activity then tells the resource (Slurm
+        # would otherwise end the job at the limit it was submitted with). Histories from
+        # before this behaviour replay without it.
+        watched_deadline = st.deadline_epoch
+        restart_on_extend = workflow.patched(_PATCH_EXTEND_RESTARTS_WATCH)
+
+        def interrupted() -> bool:
+            extended = restart_on_extend and st.deadline_epoch != watched_deadline
+            return handle.done() or st.stop_requested or extended
+
         with contextlib.suppress(TimeoutError):
-            await workflow.wait_condition(lambda: handle.done() or st.stop_requested,
-                                          timeout=max(self._remaining(), 0.001))
+            await workflow.wait_condition(interrupted, timeout=max(self._remaining(), 0.001))
         if not handle.done():
             handle.cancel()
             try:

@@ -143,6 +143,9 @@ class WatchInput:
     handle: dict
     timeout_seconds: float
     known_status: str = ""
+    # Our deadline (epoch seconds), so a resource with a limit of its own can keep up
+    # with extensions; 0 in watches recorded before it existed.
+    deadline_epoch: float = 0.0
 
 
 @dataclass

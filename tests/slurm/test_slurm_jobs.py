@@ -44,7 +44,7 @@ async def test_local_test_job_runs_as_the_user(slurm_client, slurm_user, slurm_r
 
 
 async def test_batch_script_as_user_with_time_left(slurm_client, slurm_user, temporal_env,
-                                                    slurm_root) -> None:
+                                                    slurm_root, slurm_rest) -> None:
     # No #! line: the job type adds one. The job runs until the test releases it.
     script = ('cd "$UWS_WORKSPACE_DIR"\n'
               'echo "$(id -un) $USER $HOME $SLURM_JOB_ID" > who.txt\n'
@@ -60,6 +60,17 @@ async def test_batch_script_as_user_with_time_left(slurm_client, slurm_user, tem
     details = await eventually(time_left, timeout=60)
     assert details["time_limit_min"] == 7
     assert 0 < details["time_left_seconds"] <= 7 * 60
+    # An extension reaches Slurm: its own limit is raised (by the service user), so Slurm
+    # does not end the job at the limit it was submitted with.
+    r = await slurm_client.put(f"/jobs/{job['id']}/extend/", headers=slurm_user.headers,
+                               json={"minutes": 5})
+    assert r.status_code == 200, r.text
+
+    async def slurm_limit() -> int | None:
+        [sjob] = await slurm_jobs_named(slurm_rest, f"uws-{job['id']}")
+        return sjob["time_limit"] if sjob["time_limit"] >= 12 else None
+
+    assert await eventually(slurm_limit, timeout=60) == 12
     (await workspace_dir(job["workspace_id"]) / "release").touch()
 
     done = await wait_job(slurm_client, slurm_user, job["id"], "complete", "failed")

@@ -106,6 +106,10 @@ class SlurmAdapter(ABC):
         """The jobs of a ``GET /job/{id}`` or ``GET /jobs`` answer."""
 
     @abstractmethod
+    def time_limit_body(self, minutes: int) -> dict[str, Any]:
+        """The body of a ``POST /job/{id}`` that sets the job's time limit."""
+
+    @abstractmethod
     def ping_ok(self, body: dict[str, Any]) -> bool:
         """Whether a ping answer says the controller is up."""
 

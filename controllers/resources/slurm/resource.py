@@ -110,6 +110,7 @@ def job_state(job: SlurmJob, now: float) -> JobState:
         if job.time_limit_min is not None and job.start_time:
             projected = job.start_time + job.time_limit_min * 60
             details.update(time_limit_min=job.time_limit_min, projected_end_epoch=projected,
+                           start_epoch=job.start_time,
                            time_left_seconds=max(0, int(projected - now)))
         return JobState(status="running", detail=reason, details=details, **common)
     code, meaning = decode_exit(job.exit_code)
@@ -136,6 +137,8 @@ class SlurmResource(ComputeResource):
         self.adapter = ADAPTERS[s.api_version]()
         self.tokens = TokenSource(key_file=s.jwt_key_file, env_var=s.token_env,
                                   lifespan_s=s.token_lifespan_seconds)
+        self._client: httpx.AsyncClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def s(self) -> SlurmSettings:
@@ -150,9 +153,8 @@ class SlurmResource(ComputeResource):
         token_user = self.s.service_user if self.s.auth == "service" else user
         headers = {"X-SLURM-USER-NAME": user,
                    "X-SLURM-USER-TOKEN": self.tokens.token_for(token_user)}
-        async with httpx.AsyncClient(base_url=self.s.url,
-                                     timeout=self.s.request_timeout_seconds) as client:
-            resp = await client.request(method, path, headers=headers, json=json, params=params)
+        resp = await self._http().request(method, path, headers=headers, json=json,
+                                          params=params)
         try:
             body = resp.json()
         except ValueError:
@@ -161,6 +163,15 @@ class SlurmResource(ComputeResource):
         if errors or resp.status_code >= 400 or not isinstance(body, dict):
             raise SlurmApiError(resp.status_code, errors, resp.text, body)
         return body
+
+    def _http(self) -> httpx.AsyncClient:
+        """One keep-alive client per event loop (a worker polls many jobs every second)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop or self._client.is_closed:
+            self._client = httpx.AsyncClient(base_url=self.s.url,
+                                             timeout=self.s.request_timeout_seconds)
+            self._client_loop = loop
+        return self._client
 
     # --- launch ----------------------------------------------------------------------
 
@@ -289,6 +300,32 @@ class SlurmResource(ComputeResource):
         easing to ``poll_interval_seconds`` as it ages."""
         age = time.time() - float(handle.get("submitted_at") or 0)
         return min(max(age / 4, MIN_POLL_S), self.s.poll_interval_seconds)
+
+    # --- time limit ------------------------------------------------------------------
+
+    async def ensure_time_limit(self, handle: Mapping[str, Any], deadline_epoch: float,
+                                state: JobState) -> None:
+        """Raise the Slurm job's limit when our deadline moved past the end Slurm plans.
+        Only operators may raise a limit in Slurm, so the service user asks (with
+        ``auth = "per_user"`` the user asks, and Slurm refuses: logged, and the job then
+        ends at its original limit)."""
+        projected = state.details.get("projected_end_epoch")
+        start = state.details.get("start_epoch")
+        if not isinstance(projected, int | float) or not isinstance(start, int | float):
+            return
+        if projected >= deadline_epoch:
+            return
+        minutes = math.ceil((deadline_epoch - start) / 60)
+        slurm_id = int(handle["id"])
+        asker = self.s.service_user if self.s.auth == "service" else str(handle["user"])
+        try:
+            await self._call("POST", self.adapter.job_path(slurm_id), asker,
+                             json=self.adapter.time_limit_body(minutes))
+        except (SlurmApiError, httpx.HTTPError) as err:
+            log.warning("could not raise the time limit of Slurm job %d to %d min: %s",
+                        slurm_id, minutes, err)
+            return
+        log.info("Slurm job %d time limit raised to %d min", slurm_id, minutes)
 
     # --- stop ------------------------------------------------------------------------
 

@@ -37,6 +37,11 @@ class AdapterV0038(SlurmAdapter):
         job.update({k: v for k, v in optional.items() if v is not None})
         return {"script": spec.script, "job": job}
 
+    def time_limit_body(self, minutes: int) -> dict[str, Any]:
+        # v0.0.38 takes the job's properties unwrapped here (a {"job": ...} wrapper is
+        # answered with an "Unknown" error).
+        return {"time_limit": minutes}
+
     def submitted_job_id(self, body: dict[str, Any]) -> int:
         job_id = body.get("job_id")
         if not isinstance(job_id, int):

@@ -101,13 +101,24 @@ class JobRoutes(Controller):
         self, request: Request[Any, Any, Any], job_id: FromPath[str], put_type: FromPath[str]
     ) -> dict[str, Any]:
         """``stop`` ends the job; ``extend`` (``{"minutes": n}``) gives it more time."""
-        user = current_user(request)
-        row = await _owned(user, job_id)
-        if put_type == "stop":
-            return await _stop(request, row)
-        if put_type == "extend":
-            return await _extend(request, row)
-        raise BadRequest("Invalid PUT type passed.")
+        return await _act(request, job_id, put_type)
+
+    @put("/{job_id:str}/events/", operation_id="jobActionEvents", include_in_schema=False)
+    async def put_events(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str]
+    ) -> dict[str, Any]:
+        # The static ``events`` segment would otherwise shadow ``{put_type}`` with a 405;
+        # to a client of the contract it is just one more invalid PUT type.
+        return await _act(request, job_id, "events")
+
+
+async def _act(request: Request[Any, Any, Any], job_id: str, put_type: str) -> dict[str, Any]:
+    row = await _owned(current_user(request), job_id)
+    if put_type == "stop":
+        return await _stop(request, row)
+    if put_type == "extend":
+        return await _extend(request, row)
+    raise BadRequest("Invalid PUT type passed.")
 
 
 async def _stop(request: Request[Any, Any, Any], row: dict[str, Any]) -> dict[str, Any]:

@@ -88,8 +88,10 @@ async def test_stop_and_stop_rules(client, auth, api_client_key) -> None:
     r = await client.put(f"/jobs/{job['id']}/stop/", headers=other)
     assert r.status_code == 404
     assert r.json()["message"] == f"Job {job['id']} not found for user."
-    r = await client.put(f"/jobs/{job['id']}/pause/", headers=auth)
-    assert r.json()["message"] == "Invalid PUT type passed."
+    for put_type in ("pause", "events"):  # events is a GET of ours, not a PUT type
+        r = await client.put(f"/jobs/{job['id']}/{put_type}/", headers=auth)
+        assert r.status_code == 400
+        assert r.json()["message"] == "Invalid PUT type passed."
     r = await client.put(f"/jobs/{job['id']}/stop/", headers=auth)
     assert r.status_code == 200
     assert r.json()["message"] in ("Job queued to stop.", "Successful stop.")

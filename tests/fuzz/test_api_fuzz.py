@@ -142,7 +142,7 @@ def fuzz_operation(operation: Any, base_url: str, token: str,
 
 def unlisted_methods(base_url: str, schema: dict[str, Any], token: str, tally: Tally) -> None:
     """Every method a path does not declare answers the contract's 405, unless a template
-    of the same length takes it (``PUT /jobs/1/events/`` is ``PUT /jobs/1/{put_type}/``)."""
+    of the same length takes it (``PUT /jobs/1/events/`` answers as ``PUT /jobs/1/{put_type}/``)."""
     headers = {"UWS-Authorization": f"Token {token}"}
     taken = {(m, path.count("/")) for path, item in schema["paths"].items() for m in item}
     for path, item in schema["paths"].items():

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from controllers.base import ExternalAccount, LaunchRequest
 from controllers.resources.slurm import SlurmResource, SlurmSettings
 from controllers.resources.slurm.adapter import INVALID_JOB_ID, SlurmApiError, SlurmJob
-from controllers.resources.slurm.resource import decode_exit, job_state
+from controllers.resources.slurm.resource import decode_exit, job_state, raised_limit
 from controllers.resources.slurm.tokens import TokenSource
 from controllers.resources.slurm.v0_0_38 import AdapterV0038
 
@@ -54,6 +54,19 @@ def test_running_uses_now_and_tells_time_left() -> None:
     assert st.details["time_left_seconds"] == 1800
     assert st.details["projected_end_epoch"] == int(NOW) + 1800
     assert job_state(_job("PENDING", start_time=0, end_time=0), NOW).core_hours == 0
+
+
+def test_limit_grows_only_for_an_extension() -> None:
+    submitted = 1_000_000.6  # our deadline counts from here; Slurm starts a moment later
+    deadline = submitted + 7 * 60
+    # Slurm's whole-second start may read before ours: still no reason to grow.
+    for start in (1_000_000, 1_000_001, 1_000_030):
+        assert raised_limit(7, start, deadline) is None
+    # Extended by 5 minutes: Slurm must plan to end no earlier than we do.
+    for start in (1_000_000, 1_000_001):
+        minutes = raised_limit(7, start, deadline + 5 * 60)
+        assert minutes == 12
+        assert start + minutes * 60 >= deadline + 5 * 60 - 2
 
 
 def test_submit_body_v0_0_38() -> None:

@@ -48,6 +48,9 @@ RUNNING_STATES = {"RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING"
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                  "BOOT_FAIL", "DEADLINE"}
 
+# How far our deadline may pass the end Slurm plans before its limit is raised.
+_LIMIT_SLACK_S = 2
+
 # The quickest poll, for a job just submitted.
 MIN_POLL_S = 0.1
 
@@ -124,6 +127,15 @@ def job_state(job: SlurmJob, now: float) -> JobState:
             parts.append(meaning)
         return JobState(status="failed", detail=", ".join(parts), exit_code=code, **common)
     return JobState(status="unknown", detail=f"Slurm job {job.job_id} in state {job.state}")
+
+
+def raised_limit(limit_min: int, start_epoch: float, deadline_epoch: float) -> int | None:
+    """The limit (minutes) a job started at ``start_epoch`` needs to last until our
+    deadline, or None when the one it has will do. Slurm reports its start in whole
+    seconds, so without an extension our deadline may look a second past its planned end:
+    that is no reason to grow it."""
+    minutes = math.ceil((deadline_epoch - start_epoch - _LIMIT_SLACK_S) / 60)
+    return minutes if minutes > limit_min else None
 
 
 class SlurmResource(ComputeResource):
@@ -309,13 +321,13 @@ class SlurmResource(ComputeResource):
         Only operators may raise a limit in Slurm, so the service user asks (with
         ``auth = "per_user"`` the user asks, and Slurm refuses: logged, and the job then
         ends at its original limit)."""
-        projected = state.details.get("projected_end_epoch")
+        limit = state.details.get("time_limit_min")
         start = state.details.get("start_epoch")
-        if not isinstance(projected, int | float) or not isinstance(start, int | float):
+        if not isinstance(limit, int) or not isinstance(start, int | float):
             return
-        if projected >= deadline_epoch:
+        minutes = raised_limit(limit, start, deadline_epoch)
+        if minutes is None:
             return
-        minutes = math.ceil((deadline_epoch - start) / 60)
         slurm_id = int(handle["id"])
         asker = self.s.service_user if self.s.auth == "service" else str(handle["user"])
         try:

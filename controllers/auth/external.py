@@ -111,6 +111,26 @@ def as_list(value: Any) -> list[str]:
     return []
 
 
+def check_introspected(claims: Mapping[str, Any], *, audiences: set[str], issuer: str,
+                       leeway: float, require_exp: bool, require_iss: bool) -> None:
+    """Time, issuer and audience of introspected claims; ``aud`` or ``client_id`` must name
+    one of ``audiences``. An empty ``issuer`` accepts any."""
+    now = time.time()
+    exp, nbf = claims.get("exp"), claims.get("nbf")
+    if not isinstance(exp, int | float):
+        if require_exp:
+            raise reject("token without exp")
+    elif exp <= now - leeway:
+        raise reject("token expired")
+    if isinstance(nbf, int | float) and nbf > now + leeway:
+        raise reject("token not valid yet")
+    iss = claims.get("iss", None if require_iss else issuer)
+    if issuer and iss != issuer:
+        raise reject(f"token issued by {iss!r}")
+    if not audiences & {*as_list(claims.get("aud")), *as_list(claims.get("client_id"))}:
+        raise reject("token not meant for this server")
+
+
 class ExternalUserAuthentication(AuthMethod):
     """Base of the token-based methods; subclasses implement ``_verify``."""
 
@@ -171,6 +191,19 @@ class ExternalUserAuthentication(AuthMethod):
             raise Unavailable(PROVIDER_DOWN,
                               log_message=f"{method} {url}: HTTP {response.status_code}")
         return response
+
+    async def _introspect(self, url: str, form: dict[str, str],
+                          auth: tuple[str, str] | None, what: str) -> dict[str, Any]:
+        """An RFC 7662 introspection (Globus Auth's is one): the claims of an active token."""
+        response = await self._call("POST", url, data=form, auth=auth)
+        if response.status_code != 200:
+            raise BackendError(MISCONFIGURED, log_message=(
+                f"{what} answered {response.status_code}: {response.text[:200]}"
+            ))
+        claims = self._json(response, what)
+        if not isinstance(claims, dict) or claims.get("active") is not True:
+            raise reject(f"{what}: token not active")
+        return claims
 
     @staticmethod
     def _json(response: httpx.Response, what: str) -> Any:

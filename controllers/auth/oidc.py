@@ -32,6 +32,7 @@ from controllers.auth.external import (
     ExternalAuthSettings,
     ExternalUserAuthentication,
     as_list,
+    check_introspected,
     env_is_set,
     reject,
 )
@@ -183,29 +184,14 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
         s = self.settings
         secret = os.environ.get(s.client_secret_env, "")
         form = {"token": token, "token_type_hint": "access_token"}
-        kwargs: dict[str, Any] = {"data": form}
+        auth: tuple[str, str] | None = None
         if s.client_auth == "client_secret_basic":
-            kwargs["auth"] = (s.client_id, secret)
+            auth = (s.client_id, secret)
         else:
             form.update(client_id=s.client_id, client_secret=secret)
-        response = await self._call("POST", s.introspection_url, **kwargs)
-        if response.status_code != 200:
-            raise BackendError(MISCONFIGURED, log_message=(
-                f"introspection answered {response.status_code}: {response.text[:200]}"
-            ))
-        claims = self._json(response, "introspection")
-        if not isinstance(claims, dict) or claims.get("active") is not True:
-            raise reject("token not active")
-        now = time.time()
-        exp, nbf = claims.get("exp"), claims.get("nbf")
-        if isinstance(exp, int | float) and exp <= now - s.leeway_seconds:
-            raise reject("token expired")
-        if isinstance(nbf, int | float) and nbf > now + s.leeway_seconds:
-            raise reject("token not valid yet")
-        if s.issuer and claims.get("iss") != s.issuer:
-            raise reject(f"token issued by {claims.get('iss')!r}")
-        if not set(s.audience) & {*as_list(claims.get("aud")), *as_list(claims.get("client_id"))}:
-            raise reject("token not meant for this server")
+        claims = await self._introspect(s.introspection_url, form, auth, "introspection")
+        check_introspected(claims, audiences=set(s.audience), issuer=s.issuer,
+                           leeway=s.leeway_seconds, require_exp=False, require_iss=True)
         return claims
 
     def _user(self, claims: dict[str, Any]) -> UserInfo:

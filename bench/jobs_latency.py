@@ -63,7 +63,7 @@ from bench.api_throughput import (  # noqa: E402
     start_child,
     user_token,
 )
-from bench.report import emit  # noqa: E402
+from bench.report import emit, percentile  # noqa: E402
 from core.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 
 try:
@@ -296,8 +296,7 @@ class Series:
     target: float | None = None  # for p50, in seconds
 
     def pct(self, p: float) -> float:
-        ordered = sorted(self.values)
-        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+        return percentile(self.values, p)
 
 
 def series(label: str, jobs: list[Job], value: Callable[[Job], float | None],

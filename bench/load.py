@@ -52,7 +52,7 @@ from bench.api_throughput import (  # noqa: E402
     user_token,
 )
 from bench.jobs_latency import JOB_TYPE, kill_leftover_jobs, write_config  # noqa: E402
-from bench.report import emit  # noqa: E402
+from bench.report import emit, percentile  # noqa: E402
 from core.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 
 TERMINAL = ("complete", "failed")
@@ -247,11 +247,6 @@ async def settle(client: httpx.AsyncClient, sims: list[Sim]) -> list[str]:
                 lost.append(f"job {job_id} ({sim.name}): socket saw "
                             f"{sim.socket_status.get(job_id, [])}, GET says {server}")
     return lost
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
 
 
 def report(stats: Stats, sims: list[Sim], lost: list[str], seconds: float) -> None:

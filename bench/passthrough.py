@@ -39,9 +39,9 @@ from types import ModuleType
 from typing import Any
 
 try:
-    from bench.report import emit
+    from bench.report import emit, percentile
 except ModuleNotFoundError:  # run as a script: bench/ is first on sys.path
-    from report import emit  # type: ignore[no-redef]
+    from report import emit, percentile  # type: ignore[no-redef]
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -225,11 +225,6 @@ async def ws_round_trips_ms(url: str) -> list[float]:
             if echoed != WS_PAYLOAD:
                 raise RuntimeError(f"{url}: the echo differs from what was sent")
     return times
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
 async def measure_async(sides: tuple[Side, ...], results: dict[str, Result]) -> None:

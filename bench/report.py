@@ -11,6 +11,13 @@ import os
 ENV = "UWS_BENCH_JSON"
 
 
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (p50 of 40 values is the 20th smallest), one definition for
+    every figure the benchmarks print."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+
+
 def emit(bench: str, metric: str, value: float, unit: str) -> None:
     """Append one figure; nothing when ``UWS_BENCH_JSON`` is unset or the value is not a
     finite number (a phase that did not run)."""

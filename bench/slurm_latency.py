@@ -54,19 +54,13 @@ from bench.api_throughput import (  # noqa: E402
     run_with_cleanup,
     start_child,
 )
-from bench.report import emit  # noqa: E402
+from bench.report import emit, percentile  # noqa: E402
 from core import slurm_dev  # noqa: E402
 from core.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 
 BENCH = "slurm_latency"
 POLL_S = 0.05
 SLURM_CONFIG = REPO / "tests" / "data" / "slurm-config.toml"
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
 
 
 def write_config(path: Path, cluster: slurm_dev.DevCluster, poll: float | None) -> None:

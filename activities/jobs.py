@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import stat
 import time
 from typing import Any
 
@@ -62,13 +61,18 @@ class JobActivities:
         workdir = job_dir(location["file_path"], inp.job_id)
         resource = self._c.resources[inp.resource_name]
         account = await self._account(inp.user_id, inp.resource_name)
-        await asyncio.to_thread(_make_job_dir, workdir, account)
+        await asyncio.to_thread(_make_job_dir, location["file_path"], inp.job_id, account)
         job_type = self._c.job_types[inp.job_type]
+        # Where a session listens is the resource's decision, made here before launch; its
+        # secret goes to a file the job reads, never into the script (history) itself.
+        session = (await resource.prepare_session(inp.job_id, account)
+                   if job_type.interactive else None)
         ctx = JobContext(
             job_id=inp.job_id, workdir=workdir, resource_name=inp.resource_name,
             passthrough_domain=resource.passthrough_domain,
             resource_options=inp.resource_options,
             job_details={**inp.job_details, "workspace_path": location["file_path"]},
+            session=session,
         )
         return PrepareResult(workdir=workdir, script=job_type.script(ctx),
                              interactive=job_type.interactive,
@@ -131,15 +135,22 @@ class JobActivities:
 
     @activity.defn(name="job_connection")
     async def job_connection(self, inp: ConnectionInput) -> ConnectionResult:
+        """Whether the session answers yet. Its details (the link with its token, the
+        upstream) go straight into the job row: an activity's result is kept in the
+        workflow history, which is no place for a session's secret."""
         job_type = self._c.job_types[inp.job_type]
         resource = self._c.resources[inp.resource_name]
+        account = await self._account(inp.user_id, inp.resource_name) if inp.user_id else None
+        session = resource.session_endpoint(inp.job_id, account) if account else None
         ctx = JobContext(job_id=inp.job_id, workdir=inp.workdir, resource_name=inp.resource_name,
                          passthrough_domain=resource.passthrough_domain,
-                         job_details=inp.job_details)
+                         job_details=inp.job_details, session=session)
         found = await job_type.connection(ctx, inp.hostname)
         if found is None:
             return ConnectionResult(ready=False)
-        return ConnectionResult(ready=True, current_job_details=found.model_dump())
+        await job_rows.record_status(inp.job_id, "running",
+                                     current_job_details=found.model_dump())
+        return ConnectionResult(ready=True)
 
     @activity.defn(name="record_job_status")
     async def record_job_status(self, update: JobStatusUpdate) -> bool:
@@ -165,16 +176,27 @@ class JobActivities:
                 self.finalize_job]
 
 
-def _make_job_dir(workdir: str, account: ExternalAccount) -> None:
-    """Create ``.jobs/<id>`` inside the workspace without following links: a symlink
-    planted there by a job must not make the worker create or chown anything outside."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _make_job_dir(workspace: str, job_id: int, account: ExternalAccount) -> None:
+    """Create ``.jobs/<id>`` inside the workspace one descriptor at a time, never through a
+    link: the account owns the workspace and may have planted one anywhere in it (a
+    resource that runs the job's script remotely needs the directory before submitting)."""
     chown = account.uid is not None and account.uid != os.geteuid() and os.geteuid() == 0
-    for path in (os.path.dirname(workdir), workdir):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
-        info = os.lstat(path)
-        if not stat.S_ISDIR(info.st_mode):
-            raise RuntimeError(f"{path} is not a directory")
-        if chown:
-            os.chown(path, account.uid, account.gid if account.gid is not None else -1,
-                     follow_symlinks=False)
+    fd = os.open(workspace, _DIR_FLAGS)
+    try:
+        for name in (".jobs", str(job_id)):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=fd)
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                raise RuntimeError(f"{name} in workspace {workspace} is not a directory "
+                                   f"({exc.strerror})") from None
+            os.close(fd)
+            fd = child
+            if chown and os.fstat(fd).st_uid != account.uid:
+                os.fchown(fd, account.uid, -1 if account.gid is None else account.gid)
+    finally:
+        os.close(fd)

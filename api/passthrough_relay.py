@@ -4,6 +4,11 @@ The caller has already decided who may pass and where to: it hands us raw ASGI
 ``scope/receive/send`` and a trusted :class:`Upstream`. The path and query are relayed
 unchanged (sessions serve under their own ``/passthrough/<hostname>/<job_id>/`` base URL).
 
+An upstream is TCP ``host:port`` (a remote compute node) or a Unix socket (a local job). A
+socket is opened without following a link and only when it is a socket owned by the
+session's owner (:func:`_open_unix`): its name lives in a directory the owner can write, so
+the owner could swap it for a link to someone else's session.
+
 HTTP goes through a small pooled HTTP/1.1 client of our own: h11 (the protocol engine httpx
 itself uses) on asyncio protocols. An ``httpx.AsyncClient`` was measured first: ~1 ms of CPU
 per small relayed request, its pool's bookkeeping growing with the square of open
@@ -21,13 +26,15 @@ Request headers, both protocols:
   client could spoof its address), ``strip_request_headers``, and the ``strip_cookies``
   pairs of ``Cookie`` (several ``Cookie`` headers are merged into one);
 * ``Host`` becomes the upstream's ``host[:port]`` (port omitted when 80, as the
-  ``websockets`` client writes it); ``X-Forwarded-Host`` the client's ``Host``;
-  ``X-Forwarded-Proto`` ``http``/``https`` from the scope's scheme (``ws``/``wss`` mapped);
-  ``scope["client"]`` is appended to ``X-Forwarded-For`` unless already its last entry;
-* ``Origin`` and ``Referer`` are rewritten to ``http://<upstream host[:port]>`` only when
-  they name the client's ``Host`` (a same-origin request): Jupyter compares them with
-  ``Host`` and would otherwise answer 404/403. Cross-site values pass unchanged, so the
-  session's own cross-origin checks still apply.
+  ``websockets`` client writes it), ``localhost`` over a Unix socket; ``X-Forwarded-Host``
+  the client's ``Host``; ``X-Forwarded-Proto`` ``http``/``https`` from the scope's scheme
+  (``ws``/``wss`` mapped); ``scope["client"]`` is appended to ``X-Forwarded-For`` unless
+  already its last entry;
+* ``Origin`` and ``Referer`` are rewritten to ``http://<upstream host[:port]>``
+  (``http://localhost`` over a Unix socket) only when they name the client's ``Host`` (a
+  same-origin request): Jupyter compares them with ``Host`` and would otherwise answer
+  404/403. Cross-site values pass unchanged, so the session's own cross-origin checks
+  still apply.
 
 Response headers pass through except hop-by-hop ones and ``Date``/``Server`` (the ASGI server
 adds its own; two ``Date`` headers are invalid). ``Set-Cookie`` headers stay separate,
@@ -40,7 +47,9 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
@@ -63,6 +72,8 @@ Send = Callable[[Message], Awaitable[None]]
 NOT_ANSWERING = "The session is not answering. It may still be starting, or it has stopped."
 TIMED_OUT = "The session did not answer in time."
 POOL_FULL = "Too many requests to sessions at once; try again shortly."
+# Host (and same-origin Origin) of requests over a Unix socket: Jupyter compares the two.
+UNIX_AUTHORITY = "localhost"
 
 ACTIVITY_INTERVAL_S = 5.0
 # Idle upstream connections are closed after this (4-8 s), under uvicorn's 5 s keep-alive
@@ -96,8 +107,23 @@ _PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 
 @dataclass(frozen=True)
 class Upstream:
+    """Where a session answers: TCP ``host:port``, or the Unix socket ``socket_path`` (then
+    ``host``/``port`` are unused; see :meth:`unix`). ``socket_uid``: the socket must be
+    owned by that uid (``None``: any owner). Hashable: it keys the connection pool."""
+
     host: str
     port: int
+    socket_path: str | None = None
+    socket_uid: int | None = None
+
+    def __post_init__(self) -> None:
+        # A relative name would be resolved against our working directory.
+        if self.socket_path is not None and not os.path.isabs(self.socket_path):
+            raise ValueError(f"socket path must be absolute: {self.socket_path!r}")
+
+    @classmethod
+    def unix(cls, path: str, uid: int | None = None) -> Upstream:
+        return cls(UNIX_AUTHORITY, 80, socket_path=path, socket_uid=uid)
 
 
 class UpstreamBrokenError(Exception):
@@ -161,7 +187,7 @@ class PassthroughRelay:
         flight for ``connect_timeout``: 503; all with a JSON error body. A failure after the
         response started raises :class:`UpstreamBrokenError`.
 
-        Timeouts: ``connect_timeout`` for the TCP connection and for a free request slot;
+        Timeouts: ``connect_timeout`` for the connection and for a free request slot;
         ``read_timeout`` between two reads from the upstream and for each write to it."""
         activity = _Activity(on_activity)
         activity.tick()
@@ -368,7 +394,7 @@ class PassthroughRelay:
         origin = next((v for n, v in headers if n == b"origin"), None)
         additional = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers
                       if n not in (b"host", b"origin")]
-        # Our own TCP connect bounds the connection time; the handshake itself may take
+        # Our own connect bounds the connection time; the handshake itself may take
         # longer (Jupyter answers a kernel's WebSocket once the kernel replied).
         sock = await _open_socket(upstream, self._connect_timeout)
         try:
@@ -398,7 +424,10 @@ class PassthroughRelay:
 
 @functools.lru_cache(maxsize=4096)
 def upstream_authority(upstream: Upstream) -> str:
-    """``host[:port]`` exactly as the ``websockets`` client writes ``Host``."""
+    """``host[:port]`` exactly as the ``websockets`` client writes ``Host``; ``localhost``
+    for a Unix socket."""
+    if upstream.socket_path is not None:
+        return UNIX_AUTHORITY
     return build_host(upstream.host, upstream.port, secure=False)
 
 
@@ -491,9 +520,12 @@ async def _send_json_error(send: Send, status: int, message: str) -> None:
 
 
 async def _open_socket(upstream: Upstream, timeout: float) -> socket.socket:
-    """A connected non-blocking TCP socket to the upstream, within ``timeout`` seconds."""
+    """A connected non-blocking socket to the upstream (TCP or Unix), within ``timeout``
+    seconds. The one connector of both the HTTP pool and the WebSocket client."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
+        if upstream.socket_path is not None:
+            return await _open_unix(loop, upstream.socket_path, upstream.socket_uid)
         infos = await loop.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
         error: OSError = OSError(f"no address for {upstream.host}")
         for family, kind, proto, _, address in infos:
@@ -510,6 +542,33 @@ async def _open_socket(upstream: Upstream, timeout: float) -> socket.socket:
                 sock.close()
                 raise
         raise error
+
+
+async def _open_unix(loop: asyncio.AbstractEventLoop, path: str, uid: int | None
+                     ) -> socket.socket:
+    """Connect to the socket inode ``path`` names now, never through a link.
+
+    ``O_PATH | O_NOFOLLOW`` pins the final name without following it (a link is opened as
+    the link itself, and fails the socket check); connecting to ``/proc/self/fd/N`` then
+    reaches that very inode, so a rename between the check and the connect changes nothing.
+    A wrong type or owner is an ``OSError``: to the client, a session not answering."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"{path} is not a socket")
+        if uid is not None and st.st_uid != uid:
+            raise OSError(f"{path} is owned by uid {st.st_uid}, not {uid}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # no TCP_NODELAY on AF_UNIX
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, f"/proc/self/fd/{fd}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    finally:
+        os.close(fd)
 
 
 async def _reject_ws(scope: Scope, send: Send, status: int, body: bytes,
@@ -775,8 +834,13 @@ class _Pool:
             conn.close()
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout):
-            _, conn = await loop.create_connection(lambda: _Connection(self, upstream),
-                                                   upstream.host, upstream.port)
+            sock = await _open_socket(upstream, self._connect_timeout)
+            try:
+                _, conn = await loop.create_connection(lambda: _Connection(self, upstream),
+                                                       sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         return conn, False
 
     def release(self, conn: _Connection, reusable: bool) -> None:

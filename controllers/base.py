@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from controllers.errors import InvalidRequest
+
 
 class PluginSettings(BaseModel):
     """Base of every plugin's settings: unknown keys are an error, naming the key."""
@@ -87,6 +89,15 @@ class AuthMethod(Plugin):
     """Turns a ``POST /tokens/`` body into a user and gives that user an external account."""
 
     kind = "user_authentication"
+
+    @property
+    def serves_one_person(self) -> bool:
+        """A personal server: the first user to sign in owns it, nobody else may."""
+        return False
+
+    def check_runnable(self) -> None:
+        """Raise ``ValueError`` (with the reason) when this process cannot serve the
+        method's accounts as configured; checked at start-up."""
 
     @abstractmethod
     async def identify(self, body: Mapping[str, Any], is_api_client: ApiClientCheck) -> UserInfo:
@@ -267,9 +278,34 @@ class ComputeResource(Plugin):
     async def stop(self, handle: Mapping[str, Any], grace_seconds: float) -> None:
         """End the job; stopping one already ended is not an error."""
 
+    def session_endpoint(self, job_id: int, account: ExternalAccount) -> SessionEndpoint:
+        """Where job ``job_id``'s interactive session will listen (no I/O: the same answer
+        before launch and while it runs). Resources that cannot host sessions refuse."""
+        raise InvalidRequest("Interactive sessions are not available on this resource.")
+
+    async def prepare_session(self, job_id: int, account: ExternalAccount) -> SessionEndpoint:
+        """Create what the session's endpoint needs (its directory, its secret) before
+        launch; idempotent until the job is launched."""
+        return self.session_endpoint(job_id, account)
+
     def resource_job_id(self, handle: Mapping[str, Any]) -> int:
         """The number clients see as ``resource_job_id``."""
         return int(handle.get("id", -1))
+
+
+class SessionEndpoint(BaseModel):
+    """Where an interactive session listens, decided by the resource before launch and
+    never taken from anything the job writes. ``socket_path``: a Unix socket in a
+    directory only the job's account and the service can open (the local resource);
+    otherwise ``host`` and ``port`` (a compute node). ``token_file`` holds the session's
+    secret, written by the server for the job to read: it is never put on a command line
+    or into a workflow history."""
+
+    socket_path: str = ""
+    host: str = ""
+    port: int = 0
+    token_file: str = ""
+    owner_uid: int | None = None
 
 
 class JobContext(BaseModel):
@@ -281,6 +317,7 @@ class JobContext(BaseModel):
     passthrough_domain: str
     resource_options: dict[str, Any] = Field(default_factory=dict)
     job_details: dict[str, Any] = Field(default_factory=dict)
+    session: SessionEndpoint | None = None
 
 
 class Connection(BaseModel):

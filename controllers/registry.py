@@ -108,6 +108,20 @@ def _settings(cls: type[Plugin], data: dict[str, Any], file: str, key: str) -> A
         raise ConfigError(file, f"{key}.{sub}" if sub else key, err["msg"]) from None
 
 
+# Settings naming a directory of the service's own: relative ones live under UWS_DATA_DIR.
+_SERVICE_DIRS = ("state_dir", "sessions_dir")
+
+
+def _under_data_dir(cls: type[Plugin], details: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    fields = cls.Settings.model_fields
+    resolved = dict(details)
+    for name in _SERVICE_DIRS:
+        if name in fields:
+            path = Path(resolved.get(name, fields[name].default))
+            resolved[name] = str((path if path.is_absolute() else data_dir / path).resolve())
+    return resolved
+
+
 def build_controllers(config: AppConfig, *, file: str, data_dir: Path) -> Controllers:
     """Instantiate every configured plugin, validating its settings."""
     auth: dict[str, AuthMethod] = {}
@@ -117,6 +131,10 @@ def build_controllers(config: AppConfig, *, file: str, data_dir: Path) -> Contro
                       f"{key}.user_authentication_type")
         auth[aid] = cls(aid, _settings(cls, a.connection_details, file,
                                        f"{key}.connection_details"))
+        try:
+            auth[aid].check_runnable()
+        except ValueError as exc:
+            raise ConfigError(file, f"{key}.connection_details.accounts", str(exc)) from None
 
     storage: dict[str, StorageMethod] = {}
     for sid, s in config.available_storage.items():
@@ -131,8 +149,9 @@ def build_controllers(config: AppConfig, *, file: str, data_dir: Path) -> Contro
     for rid, r in config.available_resources.items():
         key = f"available_resources.{rid}"
         cls = _lookup(RESOURCES, r.resource_type, file, f"{key}.resource_type")
+        details = _under_data_dir(cls, r.connection_details, data_dir)
         resources[rid] = cls(
-            rid, _settings(cls, r.connection_details, file, f"{key}.connection_details"),
+            rid, _settings(cls, details, file, f"{key}.connection_details"),
             storage=storage[r.storage], auth=auth[r.user_authentication],
             passthrough_domain=r.passthrough_domain, parameter_mapping=r.parameter_mapping,
         )

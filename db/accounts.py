@@ -6,7 +6,7 @@ import secrets
 
 from controllers.base import AuthMethod, ExternalAccount, UserInfo
 from db.queries import as_json
-from db.tables import ExternalUserMapping, GroupMembership, Token, User
+from db.tables import ExternalUserMapping, GroupMembership, PersonalOwner, Token, User
 
 API_CLIENTS_GROUP = "api_clients"
 
@@ -111,6 +111,18 @@ async def create_client(name: str) -> str:
     user_id = row["id"]
     await add_to_group(user_id, API_CLIENTS_GROUP)
     return await token_for(user_id)
+
+
+async def claim_personal_owner(username: str) -> str:
+    """The personal server's owner: ``username`` if nobody signed in before (one atomic
+    insert, so two first sign-ins cannot both win), else whoever did."""
+    await PersonalOwner.raw(
+        "INSERT INTO uws_personal_owner (id, username) VALUES (1, {}) "
+        "ON CONFLICT (id) DO NOTHING", username,
+    )
+    row = await PersonalOwner.select(PersonalOwner.username).where(PersonalOwner.id == 1).first()
+    assert row is not None
+    return row["username"]
 
 
 class UnknownUser(LookupError):

@@ -16,6 +16,7 @@ from piccolo.columns import (
     Boolean,
     DoublePrecision,
     ForeignKey,
+    Integer,
     Text,
     Timestamptz,
     Varchar,
@@ -150,6 +151,13 @@ class SpentTicket(Table, tablename="uws_spent_ticket"):
     expires = Timestamptz(index=True)
 
 
+class PersonalOwner(Table, tablename="uws_personal_owner"):
+    """A personal server's one person: the first user to sign in (a single row, id 1)."""
+
+    id = Integer(primary_key=True, default=1)
+    username = Varchar(length=150)
+
+
 ALL_TABLES: list[type[Table]] = [
     User,
     GroupMembership,
@@ -160,4 +168,5 @@ ALL_TABLES: list[type[Table]] = [
     UserQuota,
     SharedWorkspaceMapping,
     SpentTicket,
+    PersonalOwner,
 ]

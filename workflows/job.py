@@ -244,7 +244,8 @@ class JobWorkflow:
             ConnectionInput(job_id=inp.job_id, job_type=inp.job_type,
                             resource_name=inp.resource_name,
                             workdir=str(inp.job_details.get("workdir", "")),
-                            hostname=st.hostname, job_details=inp.job_details),
+                            hostname=st.hostname, job_details=inp.job_details,
+                            user_id=inp.user_id),
             result_type=ConnectionResult,
             start_to_close_timeout=_QUICK, retry_policy=_RETRY_FOREVER,
         )

@@ -172,10 +172,14 @@ class ConnectionInput:
     workdir: str
     hostname: str
     job_details: dict = field(default_factory=dict)
+    user_id: int = 0  # whose account the session's endpoint belongs to
 
 
 @dataclass
 class ConnectionResult:
+    """Only whether the session answers: its link and token go to the job row, never
+    into the workflow's history."""
+
     ready: bool
     current_job_details: dict = field(default_factory=dict)
 

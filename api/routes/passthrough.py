@@ -1,16 +1,20 @@
 """``/passthrough/{hostname}/{job_id}/{path}``: the owner's way into a running session,
 over HTTP (every method) and WebSocket.
 
-Only the job's owner passes, only while the job runs, and only to the host and port the
-job registered: the URL's hostname must match, and nothing in the request chooses where
-we connect (no server-side request forgery). Our own credentials (the API header and the
-session cookie) are removed before the request is relayed.
+Only the job's owner passes, only while the job runs, and only to the upstream the job
+registered (a Unix socket owned by the owner, or a remote host and port): the URL's
+hostname must match, and nothing in the request chooses where we connect (no server-side
+request forgery). The path must stay under the session's own prefix: a ``.`` or ``..``
+segment (however encoded) is refused before anything else is looked at. Our own
+credentials (the API header and the session cookie) are removed before the request is
+relayed.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 import time
 from http.cookies import SimpleCookie
 from typing import Any
@@ -35,6 +39,8 @@ from db import reads
 from db.queries import as_json
 
 _HEADER_BYTES = HEADER.encode()
+STARTING = "This session is still starting. Try again in a moment."
+INVALID_PATH = "Invalid session path."
 
 
 class Denied(Exception):
@@ -59,8 +65,22 @@ def _cookies(scope: Scope) -> SimpleCookie:
     return jar
 
 
+def path_stays_in_session(raw_path: str) -> bool:
+    """Whether the path, decoded once as the session's server decodes it, has no ``.`` or
+    ``..`` segment and no NUL. ``%2e``/``%2E`` decode to dots and ``%2F`` to a slash before
+    the split; a backslash counts as a slash too (``..\\`` is a parent to some servers).
+    With no such segment the path cannot climb out of ``/passthrough/<hostname>/<job_id>/``
+    to another session or to the session server's own root."""
+    path = unquote(raw_path)
+    if "\x00" in path:
+        return False
+    return not any(part in (".", "..") for part in path.replace("\\", "/").split("/"))
+
+
 def _split(scope: Scope) -> tuple[str, int]:
     raw = scope.get("raw_path") or scope["path"].encode()
+    if not path_stays_in_session(raw.decode("latin-1")):
+        raise Denied(400, INVALID_PATH)  # before any lookup: such a path never connects
     parts = unquote(raw.decode("latin-1")).split("/", 4)
     # ["", "passthrough", hostname, job_id, rest...]
     if len(parts) < 4 or parts[1] != "passthrough" or not parts[2]:
@@ -103,12 +123,39 @@ async def _upstream(user_id: int, job_id: int, hostname: str) -> Upstream:
         raise Denied(404, "No such session.")  # someone else's job looks like no job
     if row["status"] != "running":
         raise Denied(403, f"This session has ended (its job is {row['status']}).")
-    proxy = as_json(row["job_details"]).get("current_job_details", {}).get("proxy_details")
-    if not proxy:
-        raise Denied(503, "This session is still starting. Try again in a moment.")
-    if proxy.get("hostname") != hostname:
+    details = as_json(row["job_details"])
+    current = details.get("current_job_details") if isinstance(details, dict) else None
+    proxy = current.get("proxy_details") if isinstance(current, dict) else None
+    return upstream_from_proxy(proxy, hostname)
+
+
+def upstream_from_proxy(proxy: Any, hostname: str) -> Upstream:
+    """The upstream a job's ``proxy_details`` names, for a request to ``hostname``.
+
+    Local jobs: ``{"socket": "/abs/jupyter.sock", "uid": <owner uid>, "hostname": ...,
+    "path": ...}``; remote ones (a compute node): ``{"hostname", "port", "path"}``. The
+    URL's hostname must equal ``hostname`` in both (403). Anything missing or malformed is a
+    session not ready yet (503), never a 500."""
+    if not isinstance(proxy, dict) or not proxy:
+        raise Denied(503, STARTING)
+    registered = proxy.get("hostname")
+    if not isinstance(registered, str) or not registered:
+        raise Denied(503, STARTING)
+    if registered != hostname:
         raise Denied(403, "This session is not served from that host.")
-    return Upstream(host=str(proxy["hostname"]), port=int(proxy["port"]))
+    if "socket" in proxy:
+        path, uid = proxy["socket"], proxy.get("uid")
+        # type() rather than isinstance(): True is an int too.
+        if (not isinstance(path, str) or not os.path.isabs(path) or "\x00" in path
+                or type(uid) is not int or uid < 0):
+            raise Denied(503, STARTING)
+        return Upstream.unix(path, uid)
+    port = proxy.get("port")
+    if isinstance(port, str) and port.isascii() and port.isdigit():
+        port = int(port)  # accepted before, as int(proxy["port"])
+    if type(port) is not int or not 0 < port < 65536:
+        raise Denied(503, STARTING)
+    return Upstream(host=registered, port=port)
 
 
 def _without_our_credentials(scope: Scope, job_id: int) -> Scope:

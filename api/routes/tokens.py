@@ -8,6 +8,7 @@ from litestar import Controller, Request, post
 
 from api.body import json_body
 from api.state import app_state
+from controllers.errors import Forbidden
 from db import accounts
 
 
@@ -24,6 +25,10 @@ class TokenRoutes(Controller):
         body = await json_body(request)
         auth = app_state(request).controllers.api_auth
         info = await auth.identify(body if isinstance(body, dict) else {}, accounts.is_api_client)
+        if auth.serves_one_person:
+            owner = await accounts.claim_personal_owner(info.username)
+            if owner != info.username:
+                raise Forbidden(f"This server is in personal mode: it serves only {owner}.")
         account = await auth.ensure_external_account(info)
         user_id = await accounts.upsert_user(info)
         await accounts.save_external_account(user_id, auth.name, account)

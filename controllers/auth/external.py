@@ -3,7 +3,7 @@
 The client posts ``{"auth_token": "<provider token>"}`` to ``/tokens/``; a subclass asks
 the provider who the token belongs to (``_verify``). This base caches the answer briefly,
 turns an unreachable provider into ``Unavailable`` (never a success, never a 500), and maps
-the identity to an OS account with ``LocalUserAuthentication``'s own logic, after an
+the identity to an OS account with ``controllers.auth.accounts``' logic, after an
 optional ``account_map`` (identity username -> OS account name).
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field
 
-from controllers.auth.local import INCORRECT, LocalUserAuthentication
+from controllers.auth.accounts import INCORRECT, AccountSettings, OsAccounts
 from controllers.base import ApiClientCheck, AuthMethod, ExternalAccount, PluginSettings, UserInfo
 from controllers.errors import AuthenticationFailed, BackendError, InvalidRequest, Unavailable
 
@@ -40,11 +40,8 @@ def env_is_set(name: str) -> str:
     return name
 
 
-class ExternalAuthSettings(PluginSettings):
-    # OS account mapping, as LocalUserAuthentication does it.
-    single_user: bool = False
-    create_external_users: bool = False
-    useradd_args: list[str] = ["--create-home", "--shell", "/bin/bash"]
+class ExternalAuthSettings(AccountSettings):
+    # OS accounts (mode, creation) as LocalUserAuthentication maps them, plus:
     account_map: dict[str, str] = Field(
         default_factory=dict, description="Identity username -> OS account name."
     )
@@ -141,10 +138,7 @@ class ExternalUserAuthentication(AuthMethod):
     def __init__(self, name: str, settings: PluginSettings) -> None:
         super().__init__(name, settings)
         s = self.settings
-        self._accounts = LocalUserAuthentication(name, LocalUserAuthentication.Settings(
-            single_user=s.single_user, create_external_users=s.create_external_users,
-            useradd_args=s.useradd_args,
-        ))
+        self.accounts = OsAccounts(s)
         self._cache = IdentityCache(s.cache_seconds, s.cache_size)
 
     @abstractmethod
@@ -167,16 +161,21 @@ class ExternalUserAuthentication(AuthMethod):
 
     async def ensure_external_account(self, user: UserInfo) -> ExternalAccount:
         s = self.settings
-        if s.single_user:
-            return await self._accounts.ensure_external_account(user)
+        if self.accounts.personal:
+            return await self.accounts.ensure(user)
         os_name = s.account_map.get(user.username)
         if os_name is None and s.unmapped_users == "local_part":
             os_name = user.username.split("@", 1)[0].lower()
         if not os_name:
             raise reject(f"{user.username!r} has no OS account mapping")
-        return await self._accounts.ensure_external_account(
-            user.model_copy(update={"username": os_name})
-        )
+        return await self.accounts.ensure(user.model_copy(update={"username": os_name}))
+
+    @property
+    def serves_one_person(self) -> bool:
+        return self.accounts.personal
+
+    def check_runnable(self) -> None:
+        self.accounts.check_runnable()
 
     async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """One request to the provider; unreachable or 5xx is ``Unavailable``. A sign-in is

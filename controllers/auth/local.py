@@ -1,42 +1,36 @@
 """``LocalUserAuthentication``: trusted API clients vouch for users; users are OS accounts.
 
 An api_clients member (a portal) posts ``{"client_token", "user_info"}`` to ``/tokens/``.
-The user's external account is an OS account of the same name, looked up (or created with
-``useradd`` when ``create_external_users`` is set) before the answer; with
-``single_user`` every user maps to the server's own account, for the embedded default and
-unprivileged installs.
+The user's external account is found (or created) before the answer, under the mode
+``controllers.auth.accounts`` describes: an OS account per user (multi-user) or the
+server's own account for its one person (personal).
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import pwd
-import re
 from collections.abc import Mapping
 from typing import Any
 
-from controllers.base import (
-    ApiClientCheck,
-    AuthMethod,
-    ExternalAccount,
-    PluginSettings,
-    UserInfo,
-)
-from controllers.errors import AuthenticationFailed, BackendError, InvalidRequest
-
-INCORRECT = "Incorrect authentication credentials."
-# A portable POSIX user name, as useradd accepts by default.
-_OS_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+from controllers.auth.accounts import INCORRECT, AccountSettings, OsAccounts
+from controllers.base import ApiClientCheck, AuthMethod, ExternalAccount, UserInfo
+from controllers.errors import AuthenticationFailed, InvalidRequest
 
 
 class LocalUserAuthentication(AuthMethod):
-    class Settings(PluginSettings):
-        single_user: bool = False
-        create_external_users: bool = False
-        useradd_args: list[str] = ["--create-home", "--shell", "/bin/bash"]
+    Settings = AccountSettings
 
-    settings: Settings
+    settings: AccountSettings
+
+    def __init__(self, name: str, settings: AccountSettings) -> None:
+        super().__init__(name, settings)
+        self.accounts = OsAccounts(settings)
+
+    @property
+    def serves_one_person(self) -> bool:
+        return self.accounts.personal
+
+    def check_runnable(self) -> None:
+        self.accounts.check_runnable()
 
     async def identify(self, body: Mapping[str, Any], is_api_client: ApiClientCheck) -> UserInfo:
         client_token = body.get("client_token")
@@ -62,38 +56,4 @@ class LocalUserAuthentication(AuthMethod):
         return UserInfo(username=username, email=email, **names)
 
     async def ensure_external_account(self, user: UserInfo) -> ExternalAccount:
-        if self.settings.single_user:
-            return _account(pwd.getpwuid(os.geteuid()))
-        if not _OS_NAME.match(user.username):
-            raise AuthenticationFailed(
-                INCORRECT, log_message=f"{user.username!r} cannot be an OS account name"
-            )
-        try:
-            return _account(pwd.getpwnam(user.username))
-        except KeyError:
-            pass
-        if not self.settings.create_external_users:
-            raise AuthenticationFailed(
-                INCORRECT, log_message=f"no OS account {user.username!r} and creation is off"
-            )
-        await self._useradd(user.username)
-        return _account(pwd.getpwnam(user.username))
-
-    async def _useradd(self, username: str) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            "useradd", *self.settings.useradd_args, username,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await proc.communicate()
-        # Exit 9 means the name exists: a concurrent request created it first.
-        if proc.returncode not in (0, 9):
-            raise BackendError(
-                "Could not create the user's account. Please contact an administrator.",
-                log_message=f"useradd {username} failed: {err.decode(errors='replace')}",
-            )
-
-
-def _account(entry: pwd.struct_passwd) -> ExternalAccount:
-    return ExternalAccount(
-        username=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, home=entry.pw_dir
-    )
+        return await self.accounts.ensure(user)

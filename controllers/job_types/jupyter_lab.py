@@ -1,49 +1,34 @@
 """An interactive JupyterLab session, reached through the passthrough proxy.
 
-The script picks a free port and a token, records them in ``.uws-connection.json`` (mode
-0600: the token is the session's only key) and ``exec``s JupyterLab, so the resource's
-signals reach the server directly. ``connection()`` reads that file and asks the server
-whether it answers yet.
+The resource decides where the session listens before launch (a Unix socket in a directory
+only the job's account and the service can open, for the local resource) and writes the
+session's token into a file there; the script passes it to Jupyter in ``JUPYTER_TOKEN``
+(a command line is readable by every account through ``/proc``) and ``exec``s JupyterLab
+on that socket, so the resource's signals reach the server directly. ``connection()``
+asks the server, at the address the resource chose, whether it answers yet. Nothing the
+job writes decides where the passthrough connects.
 
-The helpers for the connection file and the readiness probe are shared with the Appyter
-job type.
+The helpers for the token and the readiness probe are shared with the Appyter job type.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import re
 import shlex
+import stat
 import sys
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import httpx
 from pydantic import Field
 
-from controllers.base import Connection, JobContext, JobType, PluginSettings
+from controllers.base import Connection, JobContext, JobType, PluginSettings, SessionEndpoint
+from controllers.errors import InvalidRequest
 
-CONNECTION_FILE = ".uws-connection.json"
 SESSION_HOST = "127.0.0.1"
 PROBE_TIMEOUT_S = 2.0
-
-# Run by the job script: bind port 0 to learn a free port, make a token, write the
-# connection file atomically and private, print "<port> <token>" for the shell to read.
-_CONNECTION_PY = """\
-import json, os, secrets, socket, sys
-host, path = sys.argv[1], sys.argv[2]
-with socket.socket() as s:
-    s.bind((host, 0))
-    port = s.getsockname()[1]
-token = secrets.token_hex(24)
-tmp = path + ".tmp"
-fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-os.fchmod(fd, 0o600)
-with os.fdopen(fd, "w") as f:
-    json.dump({"host": host, "port": port, "token": token}, f)
-os.replace(tmp, path)
-print(port, token)
-"""
+_TOKEN = re.compile(r"^[0-9a-f]{16,128}$")
 
 
 def session_hostname(ctx: JobContext) -> str:
@@ -60,44 +45,76 @@ def interpreter(python: str) -> str:
     return python or sys.executable
 
 
-def connection_lines(python: str, workdir: str) -> str:
-    """Bash that sets ``PORT`` and ``TOKEN`` and writes the connection file."""
-    q = shlex.quote
-    path = str(Path(workdir) / CONNECTION_FILE)
-    return (
-        f"conn=$({q(python)} -c {q(_CONNECTION_PY)} {SESSION_HOST} {q(path)})\n"
-        'PORT=${conn%% *}\n'
-        'TOKEN=${conn#* }\n'
-    )
+def session_of(ctx: JobContext) -> SessionEndpoint:
+    if ctx.session is None or not (ctx.session.socket_path or ctx.session.port):
+        raise InvalidRequest("Interactive sessions are not available on this resource.")
+    return ctx.session
 
 
-def read_connection_file(workdir: str) -> dict[str, Any] | None:
-    """Host, port and token of the session, or None while the script has not written them
-    (or the file is not what the script writes)."""
+def token_line(session: SessionEndpoint) -> str:
+    """Bash that exports the session's token from the file the server wrote."""
+    return f'export JUPYTER_TOKEN="$(cat {shlex.quote(session.token_file)})"\n'
+
+
+def read_token(session: SessionEndpoint) -> str | None:
+    """The session's token as the job can see it (its directory is the job account's, so
+    the file is read like any user data: no link followed, a plain small file, the shape
+    the server wrote). Only ever shown to the session's owner."""
     try:
-        data = json.loads((Path(workdir) / CONNECTION_FILE).read_text())
-    except (FileNotFoundError, ValueError):
+        fd = os.open(session.token_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
+    except OSError:
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("port"), int):
-        return None
-    if not isinstance(data.get("host"), str):
-        return None
-    return data
-
-
-async def http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
-    """The status a GET of ``url`` answers, or None when nothing answers (yet)."""
     try:
-        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 256:
+            return None
+        token = os.read(fd, 256).decode("ascii", errors="replace").strip()
+    finally:
+        os.close(fd)
+    return token if _TOKEN.match(token) else None
+
+
+async def http_status(session: SessionEndpoint, path: str,
+                      headers: dict[str, str] | None = None) -> int | None:
+    """The status a GET of ``path`` on the session answers, or None when nothing answers
+    (yet). A Unix socket is opened without following links and must be owned by the job's
+    account, then connected through its descriptor, so a swapped name leads nowhere."""
+    if not session.socket_path:
+        return await _get(f"http://{session.host}:{session.port}{path}", headers, None)
+    try:
+        fd = os.open(session.socket_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISSOCK(info.st_mode) or (
+                session.owner_uid is not None and info.st_uid != session.owner_uid):
+            return None
+        transport = httpx.AsyncHTTPTransport(uds=f"/proc/self/fd/{fd}")
+        return await _get(f"http://localhost{path}", headers, transport)
+    finally:
+        os.close(fd)
+
+
+async def _get(url: str, headers: dict[str, str] | None,
+               transport: httpx.AsyncHTTPTransport | None) -> int | None:
+    try:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, transport=transport) as client:
             response = await client.get(url, headers=headers)
     except httpx.HTTPError:
         return None
     return response.status_code
 
 
-def proxy_details(conn: Mapping[str, Any], hostname: str, job_id: int) -> dict[str, Any]:
-    return {"hostname": conn["host"], "port": conn["port"],
-            "path": passthrough_path(hostname, job_id)}
+def proxy_details(session: SessionEndpoint, hostname: str, job_id: int) -> dict[str, object]:
+    """The passthrough's upstream: the resource's choice, stored by the server."""
+    details: dict[str, object] = {"hostname": hostname, "path": passthrough_path(hostname, job_id)}
+    if session.socket_path:
+        details.update(socket=session.socket_path, uid=session.owner_uid)
+    else:  # a compute node: the URL's hostname is the node's
+        details.update(hostname=session.host, port=session.port)
+    return details
 
 
 class JupyterLabJob(JobType):
@@ -114,13 +131,17 @@ class JupyterLabJob(JobType):
 
     def script(self, ctx: JobContext) -> str:
         settings = cast(JupyterLabJob.Settings, self.settings_for(ctx.resource_name))
+        session = session_of(ctx)
         python = interpreter(settings.python)
         q = shlex.quote
-        state = Path(ctx.workdir) / ".jupyter"
+        state = os.path.join(ctx.workdir, ".jupyter")
         root_dir = str(ctx.job_details.get("workspace_path") or ctx.workdir)
+        if session.socket_path:
+            listen = [q(f"--ServerApp.sock={session.socket_path}"), "--ServerApp.sock_mode=0600"]
+        else:
+            listen = [q(f"--ip={session.host}"), f"--port={session.port}", "--port-retries=0"]
         args = [
-            "--no-browser", f"--ip={SESSION_HOST}", '--port="$PORT"', "--port-retries=0",
-            '--ServerApp.token="$TOKEN"',
+            "--no-browser", *listen,
             q(f"--ServerApp.base_url={passthrough_path(session_hostname(ctx), ctx.job_id)}"),
             q(f"--ServerApp.root_dir={root_dir}"),
             "--ServerApp.allow_remote_access=True", "--ServerApp.trust_xheaders=True",
@@ -131,31 +152,28 @@ class JupyterLabJob(JobType):
         return f"""#!/bin/bash
 set -euo pipefail
 cd {q(ctx.workdir)}
-export JUPYTER_RUNTIME_DIR={q(str(state / "runtime"))}
-export JUPYTER_CONFIG_DIR={q(str(state / "config"))}
-export JUPYTER_DATA_DIR={q(str(state / "data"))}
-export IPYTHONDIR={q(str(state / "ipython"))}
+export JUPYTER_RUNTIME_DIR={q(os.path.join(state, "runtime"))}
+export JUPYTER_CONFIG_DIR={q(os.path.join(state, "config"))}
+export JUPYTER_DATA_DIR={q(os.path.join(state, "data"))}
+export IPYTHONDIR={q(os.path.join(state, "ipython"))}
 mkdir -p "$JUPYTER_RUNTIME_DIR" "$JUPYTER_CONFIG_DIR" "$JUPYTER_DATA_DIR" "$IPYTHONDIR"
-{connection_lines(python, ctx.workdir)}\
-# Jupyter refuses to run as root unless told; whom a job runs as is the resource's call.
-as_root=()
-if [ "$(id -u)" -eq 0 ]; then as_root=(--allow-root); fi
-exec {q(python)} -m jupyter lab "${{as_root[@]}}" \\
+{token_line(session)}\
+exec {q(python)} -m jupyter lab \\
     {continued}
 """
 
     async def connection(self, ctx: JobContext, hostname: str) -> Connection | None:
-        conn = read_connection_file(ctx.workdir)
-        if conn is None:
+        session = session_of(ctx)
+        token = read_token(session)
+        if token is None:
             return None
         path = passthrough_path(hostname, ctx.job_id)
-        url = f"http://{conn['host']}:{conn['port']}{path}api/status"
-        token = str(conn.get("token", ""))
-        if await http_status(url, {"Authorization": f"token {token}"}) != 200:
+        if await http_status(session, f"{path}api/status",
+                             {"Authorization": f"token {token}"}) != 200:
             return None
         return Connection(
             message="Webserver ready.",
-            proxy_details=proxy_details(conn, hostname, ctx.job_id),
+            proxy_details=proxy_details(session, hostname, ctx.job_id),
             connection_details={"url_domain": ctx.passthrough_domain,
                                 "url_path": f"{path}lab?token={token}"},
         )

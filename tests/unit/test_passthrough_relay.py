@@ -3,7 +3,9 @@
 One uvicorn serves a small upstream (HTTP echo, streams, cookies, redirect, errors, a slow
 and a broken endpoint, a WebSocket echo); another serves the relay, routing by the hostname
 segment of ``/passthrough/<hostname>/<job_id>/...`` to a fixed :class:`Upstream`. Clients are
-``httpx`` and ``websockets``. The last test runs a real JupyterLab when it is installed.
+``httpx`` and ``websockets``. The same upstream also listens on a Unix socket, next to
+decoy sockets that count connections (reached through a link, or owned by someone else,
+they must never be). The last test runs a real JupyterLab when it is installed.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def serve(app: Callable[..., Any], **config: Any) -> AsyncIterator[int]:
-    """``app`` on a real uvicorn in this event loop; its port."""
-    port = free_port()
+    """``app`` on a real uvicorn in this event loop; its port (0 when ``uds=`` is given)."""
+    port = 0 if "uds" in config else free_port()
     server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="critical",
                                            lifespan="off", access_log=False, **config))
     task = asyncio.create_task(server.serve())
@@ -119,11 +121,12 @@ async def upstream_http(scope: Scope, receive: Callable[..., Any], send: Callabl
     query = dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if p)
     if name.startswith("echo"):
         body = await read_body(receive)
+        client = scope["client"] or (None, None)  # None over a Unix socket
         await reply(send, 200, json.dumps({
             "method": scope["method"], "path": scope["path"],
             "raw_path": scope["raw_path"].decode(), "query": scope["query_string"].decode(),
             "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]],
-            "body": body.decode(), "client_port": scope["client"][1],
+            "body": body.decode(), "client_port": client[1],
         }).encode(), b"application/json")
     elif name == "big":
         size = int(query["size"])
@@ -594,6 +597,188 @@ async def test_websocket_upstream_rejection_relayed(env: Env) -> None:
     with pytest.raises(InvalidStatus) as caught:
         await connect(f"{env.ws_url}{BASE}reject")
     assert caught.value.response.status_code == 403
+
+
+# --- Unix socket upstreams --------------------------------------------------------------
+
+@dataclass
+class Decoy:
+    """A Unix socket answering ``HTTP 200 decoy``, counting the connections it accepted."""
+
+    path: str
+    server: asyncio.AbstractServer
+    connections: int = 0
+
+
+async def start_decoy(path: str) -> Decoy:
+    decoy: Decoy
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoy.connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n"
+                         b"\r\ndecoy")
+            await writer.drain()
+        writer.close()
+
+    decoy = Decoy(path, await asyncio.start_unix_server(answer, path))
+    return decoy
+
+
+@dataclass
+class UnixEnv:
+    path: str  # the upstream app on a Unix socket
+    decoy: Decoy  # ours, reached directly only
+    foreign: Decoy  # chowned to 65534 when we are root
+
+
+@pytest.fixture(scope="module")
+async def unix(env: Env) -> AsyncIterator[UnixEnv]:
+    """Routes ``sock`` (the upstream over a socket), ``decoy`` (a decoy, directly) and the
+    ones that must be refused: ``sock-link`` (a link to the decoy), ``sock-uid`` (the decoy
+    with another owner expected), ``sock-foreign`` (a socket owned by 65534, ours expected),
+    ``sock-missing``, ``sock-file`` and ``sock-dir``."""
+    relay = env.routes["h"][0]
+    uid = os.getuid()
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:  # short: AF_UNIX names are <108 B
+        path = f"{tmp}/jupyter.sock"
+        decoy = await start_decoy(f"{tmp}/decoy.sock")
+        foreign = await start_decoy(f"{tmp}/foreign.sock")
+        if uid == 0:
+            os.chown(foreign.path, 65534, 65534)
+        os.symlink(decoy.path, f"{tmp}/link.sock")
+        Path(f"{tmp}/file.sock").write_bytes(b"")
+        async with serve(upstream_app, uds=path, proxy_headers=False):
+            env.routes.update({
+                "sock": (relay, Upstream.unix(path, uid)),
+                "decoy": (relay, Upstream.unix(decoy.path, uid)),
+                "sock-link": (relay, Upstream.unix(f"{tmp}/link.sock", uid)),
+                "sock-uid": (relay, Upstream.unix(decoy.path, uid + 1)),
+                "sock-foreign": (relay, Upstream.unix(foreign.path, uid)),
+                "sock-missing": (relay, Upstream.unix(f"{tmp}/missing.sock", uid)),
+                "sock-file": (relay, Upstream.unix(f"{tmp}/file.sock", uid)),
+                "sock-dir": (relay, Upstream.unix(tmp, uid)),
+            })
+            yield UnixEnv(path, decoy, foreign)
+        for each in (decoy, foreign):
+            each.server.close()
+            await each.server.wait_closed()
+
+
+def test_unix_upstream_is_hashable_and_absolute() -> None:
+    one, same = Upstream.unix("/run/uws/1/jupyter.sock", 1000), Upstream.unix(
+        "/run/uws/1/jupyter.sock", 1000)
+    assert one == same and hash(one) == hash(same) and len({one, same}) == 1
+    assert one != Upstream.unix("/run/uws/1/jupyter.sock", 1001)
+    assert passthrough_relay.upstream_authority(one) == "localhost"
+    with pytest.raises(ValueError, match="absolute"):
+        Upstream.unix("jupyter.sock", 1000)
+
+
+async def test_unix_socket_get_and_headers(env: Env, unix: UnixEnv,
+                                           client: httpx.AsyncClient) -> None:
+    relay_host = f"{HOST}:{env.relay_port}"
+    r = await client.get("/passthrough/sock/1/echo/a%20b", params={"q": "1"},
+                         headers={"Origin": f"http://{relay_host}",
+                                  "Referer": f"http://{relay_host}/passthrough/sock/1/lab"})
+    assert r.status_code == 200, r.text
+    echo = r.json()
+    assert (echo["raw_path"], echo["query"]) == ("/passthrough/sock/1/echo/a%20b", "q=1")
+    # Jupyter compares Origin with Host: both name localhost over a socket.
+    assert header_values(echo, "host") == ["localhost"]
+    assert header_values(echo, "origin") == ["http://localhost"]
+    assert header_values(echo, "referer") == ["http://localhost/passthrough/sock/1/lab"]
+    assert header_values(echo, "x-forwarded-host") == [relay_host]
+
+
+async def test_unix_socket_streams_both_ways(unix: UnixEnv, client: httpx.AsyncClient) -> None:
+    size, received = 20 * MIB, 0
+    async with client.stream("GET", "/passthrough/sock/1/big", params={"size": size}) as r:
+        assert r.headers["content-length"] == str(size)
+        async for chunk in r.aiter_raw():
+            received += len(chunk)
+    assert received == size
+    r = await client.get("/passthrough/sock/1/chunked")
+    assert (r.text, r.headers["transfer-encoding"]) == ("one two three", "chunked")
+    digest = hashlib.sha256()
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(128):  # 8 MiB
+            digest.update(BLOCK)
+            yield BLOCK
+
+    r = await client.put("/passthrough/sock/1/upload", content=body())
+    assert r.json() == {"bytes": 128 * len(BLOCK), "sha256": digest.hexdigest()}
+
+
+async def test_unix_socket_connections_pooled(env: Env, unix: UnixEnv,
+                                              client: httpx.AsyncClient) -> None:
+    relay = PassthroughRelay()
+    upstream = Upstream.unix(unix.path, os.getuid())
+    env.routes["sock-pooled"] = (relay, upstream)
+    for _ in range(5):
+        assert (await client.get("/passthrough/sock-pooled/1/echo")).status_code == 200
+    assert relay._pool is not None and len(relay._pool._idle[upstream]) == 1
+    await relay.aclose()
+
+
+async def test_unix_socket_websocket_echo(env: Env, unix: UnixEnv) -> None:
+    async with connect(f"{env.ws_url}/passthrough/sock/1/ws",
+                       subprotocols=[KERNEL_PROTOCOL],  # type: ignore[list-item]
+                       origin=f"http://{HOST}:{env.relay_port}",  # type: ignore[arg-type]
+                       max_size=None) as ws:
+        assert ws.subprotocol == KERNEL_PROTOCOL
+        await ws.send("hello")
+        assert await ws.recv() == "hello"
+        big = secrets.token_bytes(2 * MIB)
+        await ws.send(big)
+        assert await ws.recv() == big
+        await ws.send("headers?")
+        headers = json.loads(await ws.recv())
+    assert (headers["host"], headers["origin"]) == ("localhost", "http://localhost")
+
+
+async def test_decoy_answers_when_addressed_directly(unix: UnixEnv,
+                                                     client: httpx.AsyncClient) -> None:
+    """The control for the refusals below: the decoy itself is reachable."""
+    before = unix.decoy.connections
+    r = await client.get("/passthrough/decoy/1/x")
+    assert (r.status_code, r.text) == (200, "decoy")
+    assert unix.decoy.connections == before + 1
+
+
+@pytest.mark.parametrize("route", ["sock-link", "sock-uid", "sock-missing", "sock-file",
+                                   "sock-dir"])
+async def test_unix_socket_refused_without_connecting(env: Env, unix: UnixEnv,
+                                                      client: httpx.AsyncClient,
+                                                      route: str) -> None:
+    """A link (even to a socket we own), a socket of another owner than expected, and
+    anything not a socket: "not answering", and the decoy never sees a connection."""
+    before = unix.decoy.connections
+    r = await client.get(f"/passthrough/{route}/1/x")
+    assert r.status_code == 502
+    assert r.json() == {"success": False, "message": NOT_ANSWERING}
+    with pytest.raises(InvalidStatus) as caught:
+        await connect(f"{env.ws_url}/passthrough/{route}/1/ws")
+    assert caught.value.response.status_code == 502
+    assert unix.decoy.connections == before
+
+
+async def test_socket_of_another_user_refused(env: Env, unix: UnixEnv,
+                                              client: httpx.AsyncClient) -> None:
+    if os.getuid() != 0:
+        pytest.skip("giving a socket to another uid needs root")
+    r = await client.get("/passthrough/sock-foreign/1/x")
+    assert (r.status_code, r.json()["message"]) == (502, NOT_ANSWERING)
+    with pytest.raises(InvalidStatus) as caught:
+        await connect(f"{env.ws_url}/passthrough/sock-foreign/1/ws")
+    assert caught.value.response.status_code == 502
+    assert unix.foreign.connections == 0
+    # The same socket with its real owner expected is reached: ownership decided it.
+    env.routes["sock-65534"] = (env.routes["h"][0], Upstream.unix(unix.foreign.path, 65534))
+    assert (await client.get("/passthrough/sock-65534/1/x")).text == "decoy"
+    assert unix.foreign.connections == 1
 
 
 # --- a real JupyterLab ----------------------------------------------------------------

@@ -1,0 +1,230 @@
+"""The supervisor of one local job: run as the service (root in multi-user mode) with
+``python -I -S supervisor.py STATE_DIR``; standard library only, so it starts in
+milliseconds and imports nothing a user could shadow.
+
+Everything the worker later believes about the job comes from here, written into
+``STATE_DIR`` (the service's, mode 0700), never from the job's own directory:
+
+``spec.json``     what to run, written by the worker before it starts us
+``started.json``  our pid and start ticks, the job's pid, the start time (server clock)
+``ended.json``    the job's exit code from ``waitpid`` and the end time (server clock)
+
+Steps: hold ``supervisor.lock`` for our whole life (the worker's proof that we live), fork
+once so the launcher returns at once, become a child subreaper (whatever the job leaves
+behind is reparented to us, so nothing escapes a stop), enter a network namespace of our
+own when asked (only its loopback, brought up: the job cannot reach a port of the host),
+then fork the job: a new session, the account's own groups, uid and gid, its workdir, and
+``exec`` of its script. ``SIGTERM`` to us stops the job: TERM to every descendant, KILL
+after the grace period. When the job's main process ends, what it left is stopped too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+CLONE_NEWNET = 0x40000000
+PR_SET_CHILD_SUBREAPER = 36
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+# After the job's main process ended, what it left behind gets this long after a TERM.
+LEFTOVER_GRACE_S = 2.0
+EXIT_ANOTHER_SUPERVISOR = 75
+
+
+def write_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def start_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def signal_all(sig: int) -> None:
+    for pid in descendants(os.getpid()):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def isolate_network(libc: ctypes.CDLL) -> None:
+    """A network namespace of our own with only its loopback, up (Jupyter's kernels talk
+    to their server over it)."""
+    if libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def run_job(spec: dict, report: int) -> None:
+    """In the forked child: become the job. Never returns."""
+    try:
+        os.setsid()
+        if spec["switch_user"]:
+            os.initgroups(spec["username"], spec["gid"])  # that account's groups only
+            os.setgid(spec["gid"])
+            os.setuid(spec["uid"])
+            if os.getuid() != spec["uid"] or os.geteuid() != spec["uid"]:
+                raise PermissionError("could not switch to the job's account")
+        os.umask(0o077)
+        workdir = spec["workdir"]
+        # As the account itself: a link it planted here can only lead where it may write.
+        os.makedirs(workdir, mode=0o700, exist_ok=True)
+        os.chdir(workdir)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        fd = os.open("job.sh", flags, 0o700)
+        with os.fdopen(fd, "w") as f:
+            f.write(spec["script"])
+        log = os.open("job.log", flags, 0o600)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM,
+                    signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        shell = spec["shell"]
+        os.execve(shell, [shell, "job.sh"], spec["env"])
+    except BaseException as exc:  # reported to the supervisor, then exit
+        try:
+            os.write(report, f"{type(exc).__name__}: {exc}".encode()[:2000])
+        finally:
+            os._exit(127)
+
+
+def supervise(state_dir: str) -> int:
+    with open(os.path.join(state_dir, "spec.json")) as f:
+        spec = json.load(f)
+    lock = os.open(os.path.join(state_dir, "supervisor.lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return EXIT_ANOTHER_SUPERVISOR
+    if os.fork() > 0:
+        os._exit(0)  # the launcher's child: the worker waits only for this
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    ended_path = os.path.join(state_dir, "ended.json")
+    if spec["isolate_network"]:
+        try:
+            isolate_network(libc)
+        except OSError as exc:
+            write_atomic(os.path.join(state_dir, "started.json"), _started(0, time.time()))
+            write_atomic(ended_path, {"code": 127, "ended_at": time.time(),
+                                      "detail": f"no network namespace: {exc}"})
+            return 1
+    stopping = {"requested": False}
+    grace = float(spec.get("stop_grace_seconds", 10.0))
+
+    def on_term(signum: int, frame: object) -> None:
+        if not stopping["requested"]:
+            stopping["requested"] = True
+            signal_all(signal.SIGTERM)
+            signal.setitimer(signal.ITIMER_REAL, max(grace, 0.1))
+
+    def on_alarm(signum: int, frame: object) -> None:
+        signal_all(signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, on_alarm)
+    report_r, report_w = os.pipe()  # both close on exec (PEP 446)
+    job = os.fork()
+    if job == 0:
+        os.close(report_r)
+        run_job(spec, report_w)
+    os.close(report_w)
+    write_atomic(os.path.join(state_dir, "started.json"), _started(job, time.time()))
+    failure = b""
+    while chunk := os.read(report_r, 2000):  # empty once the job's exec closed it
+        failure += chunk
+    os.close(report_r)
+    code, ended_at = None, None
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        if pid == job:
+            exit_code = os.waitstatus_to_exitcode(status)
+            code = exit_code if exit_code >= 0 else 128 - exit_code
+            ended_at = time.time()
+            if not stopping["requested"]:  # the job is over: so is what it left running
+                stopping["requested"] = True
+                signal_all(signal.SIGTERM)
+                signal.setitimer(signal.ITIMER_REAL, LEFTOVER_GRACE_S)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    detail = f"could not start the job: {failure.decode(errors='replace')}" if failure else ""
+    write_atomic(ended_path, {"code": 127 if code is None else code,
+                              "ended_at": ended_at or time.time(), "detail": detail})
+    return 0
+
+
+def _started(job: int, started_at: float) -> dict:
+    me = os.getpid()
+    return {"supervisor_pid": me, "supervisor_ticks": start_ticks(me), "job_pid": job,
+            "job_ticks": start_ticks(job) if job else None, "started_at": started_at}
+
+
+def check_network_namespace() -> int:
+    """``--check``: exit 0 when this process may create a network namespace."""
+    if os.fork() == 0:
+        try:
+            isolate_network(ctypes.CDLL(None, use_errno=True))
+        except OSError as exc:
+            print(exc, file=sys.stderr)
+            os._exit(1)
+        os._exit(0)
+    _, status = os.wait()
+    return os.waitstatus_to_exitcode(status)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--check"]:
+        sys.exit(check_network_namespace())
+    sys.exit(supervise(sys.argv[1]))

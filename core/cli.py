@@ -102,7 +102,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
 
     controllers = load_controllers(settings)  # a config error stops us before anything starts
     _start_slurm_if_main(controllers)
-    data_dir = Path(settings.data_dir).resolve()
+    data_dir = devstack.prepare_data_dir(Path(settings.data_dir).resolve())  # 0711, state 0600
     url = _database_url(settings)
     asyncio.run(_migrate(url))
     token = asyncio.run(_client_token(url, DEV_CLIENT))

@@ -4,21 +4,18 @@ processes run on several machines)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
 from pathlib import Path
 
+from core.devstack import prepare_data_dir, private_token
 from core.settings import Settings
 
 
 def load_secret_key(settings: Settings) -> bytes:
     if settings.secret_key:
         return settings.secret_key.encode()
-    path = Path(settings.data_dir) / "secret_key"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
+    # Jobs run as other accounts on this machine: the data dir 0711 and the key 0600
+    # (also when an earlier version left it readable), so that none of them can sign.
+    data_dir = prepare_data_dir(Path(settings.data_dir))
+    key, _ = private_token(data_dir / "secret_key", lambda: secrets.token_hex(32))
+    return key.encode()

@@ -9,19 +9,29 @@ component at a time from a descriptor opened on the workspace (``openat`` style,
 ``O_NOFOLLOW``), so a symlink planted by a job inside the workspace -- even between a check
 and a write -- can never redirect a write outside of it. Scans walk descriptors the same way
 and never follow links.
+
+Symlinks a client asks for may only point into the operator's ``allowed_symlink_sources``
+(none by default: symlinks are off). A source is resolved with the workspace owner's view
+of the file system, never root's, and any source refused gets one and the same answer,
+so the API is no oracle for which paths exist on the server. Names the server keeps for
+itself inside a workspace (``.jobs/``, ``.uws*``) are never written by client name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
+import pwd
 import re
 import secrets
 import shutil
 import stat
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
@@ -82,6 +92,48 @@ COPY_THREADS = 4
 
 _FILE_MESSAGE = "Invalid file path specified {}"
 _SYMLINK_MESSAGE = "Invalid symlink destination path specified {}"
+_SOURCE_MESSAGE = "Symlink source not allowed: {}"
+
+# What the server keeps inside a workspace: job directories under ``.jobs/`` and its own
+# temporary and state files, all named ``.uws*``. Those are server state, so no name a
+# client gives may create or replace one (see _refuse_reserved).
+_JOBS_DIR = ".jobs"
+_RESERVED_PREFIX = ".uws"
+
+# Resolving symlink sources. ``resolve`` maps absolute paths to ["ok", real path] (the
+# target exists), ["missing", real path] (a component does not exist) or ["denied", ""]
+# (cannot be resolved: permission denied, a loop, ...). One source for both places it
+# runs: in-process, and in a child that first drops to the workspace owner's identity.
+_RESOLVE_SOURCE = """
+def resolve(paths):
+    import os
+    out = []
+    for path in paths:
+        try:
+            out.append(["ok", os.path.realpath(path, strict=True)])
+        except (FileNotFoundError, NotADirectoryError):
+            out.append(["missing", os.path.realpath(path)])
+        except OSError:
+            out.append(["denied", ""])
+    return out
+"""
+# The child is started as root and drops itself before touching any path (setpriv would
+# exec the interpreter as the owner, who may not reach it: a venv or pyenv under a 0700
+# home). The identity is checked after the switch; anything but exit 0 is a failure.
+_RESOLVE_CHILD = _RESOLVE_SOURCE + """
+import json, os, sys
+request = json.load(sys.stdin)
+uid, gid = request["uid"], request["gid"]
+os.setgroups(request["groups"])
+os.setresgid(gid, gid, gid)
+os.setresuid(uid, uid, uid)
+if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+    sys.exit(3)
+json.dump(resolve(request["paths"]), sys.stdout)
+"""
+_RESOLVE_TIMEOUT_S = 10.0
+_resolver: dict[str, Any] = {}
+exec(_RESOLVE_SOURCE, _resolver)  # a constant of this module, never client input
 
 
 class LocalFileSystemStorage(StorageMethod):
@@ -187,8 +239,9 @@ class LocalFileSystemStorage(StorageMethod):
     # --- files and symlinks -----------------------------------------------------------------
 
     async def validate_files(self, files: list[FileSpec], symlinks: list[SymlinkSpec]) -> None:
-        # Thread: checking an allowed symlink source resolves links on disk.
-        await asyncio.to_thread(self._validate_files, files, symlinks)
+        # No disk access here (so no thread): sources are resolved by write_files, as the
+        # workspace owner, before anything is written.
+        self._validate_files(files, symlinks)
 
     def _validate_files(self, files: list[FileSpec], symlinks: list[SymlinkSpec]) -> None:
         for file in files:
@@ -199,17 +252,37 @@ class LocalFileSystemStorage(StorageMethod):
             if ".." in link.name:
                 raise InvalidRequest("Symlink name cannot contain double dots.")
             _name_parts(link.name, _SYMLINK_MESSAGE)
-            if not self._source_allowed(link.source_path):
-                raise InvalidRequest(f"Symlink source not allowed: {link.source_path}")
+            if not self._source_resolvable(link.source_path):
+                raise InvalidRequest(_SOURCE_MESSAGE.format(link.source_path))
 
-    def _source_allowed(self, source_path: str) -> bool:
+    def _source_resolvable(self, source_path: str) -> bool:
+        """Whether a source could be allowed at all, judged from its text alone."""
         if not self._allowed_sources:
-            return True
+            return False  # no allowed roots: symlinks are off
         # A relative source would resolve against the server's cwd, not anything meaningful.
         if "\0" in source_path or not os.path.isabs(source_path):
             return False
-        real = os.path.realpath(source_path)
-        return any(real == root or _strictly_inside(real, root) for root in self._allowed_sources)
+        try:
+            return len(os.fsencode(source_path)) <= MAX_PATH_BYTES
+        except UnicodeEncodeError:  # lone surrogates name no file
+            return False
+
+    def _check_sources(self, account: ExternalAccount, symlinks: list[SymlinkSpec]) -> None:
+        """Refuse any source that does not resolve, as ``account``, inside an allowed root.
+
+        Outside, unresolvable by the owner, existing or not: one and the same 400, so the
+        answer tells nothing about the server's files. Only inside an allowed root does a
+        missing target get its own (the reference's) error."""
+        if not symlinks:
+            return
+        resolved = _resolve_as(account, [link.source_path for link in symlinks])
+        for link, (state, real) in zip(symlinks, resolved, strict=True):
+            if state == "denied" or not any(
+                real == root or _strictly_inside(real, root) for root in self._allowed_sources
+            ):
+                raise InvalidRequest(_SOURCE_MESSAGE.format(link.source_path))
+            if state == "missing":
+                raise BackendError(f"Symlink path not found: {link.source_path}")
 
     async def write_files(
         self,
@@ -229,9 +302,7 @@ class LocalFileSystemStorage(StorageMethod):
         symlinks: list[SymlinkSpec],
     ) -> None:
         # Sources are checked before anything is written, so a bad one leaves no half-write.
-        for link in symlinks:
-            if not os.path.exists(link.source_path):
-                raise BackendError(f"Symlink path not found: {link.source_path}")
+        self._check_sources(account, symlinks)
         owner = self._owner(account)
         ws_fd = self._open_workspace(path)
         try:
@@ -534,12 +605,14 @@ def _name_parts(name: str, template: str) -> list[str]:
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if not parts or any(len(part.encode("utf-8")) > MAX_COMPONENT_BYTES for part in parts):
         raise invalid
+    _refuse_reserved(parts, invalid)
     return parts
 
 
 def _upload_name(filename: str) -> str:
     """The final component of a client-given upload name, or InvalidRequest."""
-    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    path = filename.replace("\\", "/")
+    name = path.rsplit("/", 1)[-1]
     invalid = InvalidRequest(_FILE_MESSAGE.format(filename))
     if name in ("", ".", "..") or "\0" in name:
         raise invalid
@@ -549,7 +622,87 @@ def _upload_name(filename: str) -> str:
         raise invalid from None
     if too_long:
         raise invalid
+    # Both the name as given (``.jobs/1/x`` aims at a job's files even though only ``x``
+    # would be written) and the name the file lands under (``a/.jobs``: ``.jobs``).
+    _refuse_reserved([part for part in path.split("/") if part not in ("", ".")], invalid)
+    _refuse_reserved([name], invalid)
     return name
+
+
+def _refuse_reserved(parts: Sequence[str], invalid: InvalidRequest) -> None:
+    """Raise ``invalid`` if a client-given name would create or replace server state: a
+    first component ``.jobs`` or any component starting with ``.uws``. The one check for
+    every write by client-given name (files, symlinks, uploads)."""
+    if (parts and parts[0] == _JOBS_DIR) or any(p.startswith(_RESERVED_PREFIX) for p in parts):
+        raise invalid
+
+
+def _resolve_as(account: ExternalAccount, paths: list[str]) -> list[tuple[str, str]]:
+    """``resolve`` (see _RESOLVE_SOURCE) of each path, done with the file-system view of
+    the account that owns the workspace: a source the owner cannot reach is as good as
+    outside, whatever root (the server) could see.
+
+    In-process when we already are that account, or cannot become it (not root; or an
+    account without a uid, whose jobs run as the server itself too); otherwise in a short
+    child process (never ``os.fork``: this process runs threads)."""
+    identity = _identity_of(account)
+    if identity is None:
+        return [(state, real) for state, real in _resolver["resolve"](paths)]
+    uid, gid, groups = identity
+    request = json.dumps({"uid": uid, "gid": gid, "groups": groups, "paths": paths})
+    argv = [sys.executable, "-I", "-S", "-X", "utf8", "-c", _RESOLVE_CHILD]
+    try:
+        proc = subprocess.run(
+            argv, input=request.encode(), capture_output=True, cwd="/", env={},
+            timeout=_RESOLVE_TIMEOUT_S, check=False,
+        )
+        answer = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        raise _resolve_failed(uid, str(exc)) from exc
+    if not _well_formed(answer, len(paths)):
+        stderr = proc.stderr.decode(errors="replace")[-500:]
+        raise _resolve_failed(uid, f"exit {proc.returncode}, stderr {stderr!r}")
+    return [(state, real) for state, real in answer]
+
+
+def _well_formed(answer: Any, count: int) -> bool:
+    """Whether the child's answer is one [state, path] pair per path asked about."""
+    return (
+        isinstance(answer, list)
+        and len(answer) == count
+        and all(
+            isinstance(item, list)
+            and len(item) == 2
+            and item[0] in ("ok", "missing", "denied")
+            and isinstance(item[1], str)
+            for item in answer
+        )
+    )
+
+
+def _resolve_failed(uid: int, detail: str) -> BackendError:
+    # Not the source's fault (the child itself failed): a 500, the same for every source.
+    return BackendError(
+        "The symlink sources could not be checked.",
+        log_message=f"Resolving symlink sources as uid {uid} failed: {detail}",
+    )
+
+
+def _identity_of(account: ExternalAccount) -> tuple[int, int, list[int]] | None:
+    """(uid, gid, supplementary groups) to resolve as, or None for "as we are"."""
+    uid = account.uid
+    euid = os.geteuid()
+    if uid is None or euid != 0 or uid == euid:
+        return None
+    try:
+        entry: pwd.struct_passwd | None = pwd.getpwuid(uid)
+    except KeyError:
+        entry = None  # a uid without a passwd entry: no supplementary groups to find
+    gid = account.gid
+    if gid is None:
+        gid = entry.pw_gid if entry else uid
+    groups = os.getgrouplist(entry.pw_name, gid) if entry else [gid]
+    return uid, gid, groups
 
 
 def _confined_call(message: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:

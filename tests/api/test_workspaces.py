@@ -45,9 +45,15 @@ def workspace_dir(data_dir: Path, ws_id: int) -> Path:
 async def test_create_with_files_and_symlinks(client, auth, data_dir, tmp_path) -> None:
     source = tmp_path / "dataset"
     source.mkdir()
+    # The test config allows no symlink sources (the default): symlinks are off.
+    r = await client.post("/workspaces/", headers=auth, json={
+        "name": "linked", "description": "d", "workspace_details": {
+            "files": [{"name": "a.txt", "content": "hello"}],
+            "symlinks": [{"name": "data", "source_path": str(source)}]}})
+    assert r.status_code == 400
+    assert r.json() == {"success": False, "message": f"Symlink source not allowed: {source}"}
     ws = await create(client, auth, workspace_details={
         "files": [{"name": "a.txt", "content": "hello"}, {"name": "sub/b.py", "content": "x=1"}],
-        "symlinks": [{"name": "data", "source_path": str(source)}],
     })
     assert ws["status"] == "idle"
     assert list(ws) == ["id", "name", "description", "disk_space", "datetime_created",
@@ -55,8 +61,13 @@ async def test_create_with_files_and_symlinks(client, auth, data_dir, tmp_path) 
                         "workspace_details", "status", "default_job_type"]
     path = workspace_dir(data_dir, ws["id"])
     assert (path / "a.txt").read_text() == "hello"
-    assert (path / "data").is_symlink()
-    ws = await scanned(client, auth, ws["id"], {"/a.txt", "/sub/b.py"})
+    # A link made from inside (as a job would) is still reported by the scan; an empty
+    # upload asks for a scan that surely runs after the link exists.
+    (path / "data").symlink_to(source)
+    r = await client.put(f"/workspaces/{ws['id']}/upload/", headers=auth,
+                         files=[("file", ("empty.txt", b"", "text/plain"))])
+    assert r.status_code == 200, r.text
+    ws = await scanned(client, auth, ws["id"], {"/a.txt", "/sub/b.py", "/empty.txt"})
     assert ws["workspace_details"]["current_workspace_details"]["symlinks"] == [{"name": "/data"}]
     assert ws["disk_space"] == len("hello") + len("x=1")
     assert ws["workspace_details"]["request_workspace_details"]["files"] == [
@@ -111,14 +122,16 @@ async def test_create_rejects_bad_details(client, auth, data_dir, details, messa
     assert after == before
 
 
-async def test_symlink_to_missing_source_is_500_and_leaves_nothing(client, auth) -> None:
+async def test_symlink_source_not_allowed_is_400_and_leaves_nothing(client, auth) -> None:
+    # Missing or existing, anywhere outside the allowed roots (none here): one answer.
     name = f"broken-{secrets.token_hex(3)}"
-    r = await client.post("/workspaces/", headers=auth, json={
-        "name": name, "description": "d",
-        "workspace_details": {"symlinks": [{"name": "d", "source_path": "/no/such/path"}]},
-    })
-    assert r.status_code == 500
-    assert r.json() == {"success": False, "message": "Symlink path not found: /no/such/path"}
+    for source in ("/no/such/path", "/etc/shadow", "/"):
+        r = await client.post("/workspaces/", headers=auth, json={
+            "name": name, "description": "d",
+            "workspace_details": {"symlinks": [{"name": "d", "source_path": source}]},
+        })
+        assert r.status_code == 400
+        assert r.json() == {"success": False, "message": f"Symlink source not allowed: {source}"}
     r = await client.get("/workspaces/", headers=auth, params={"name": name})
     assert r.json()["data"]["workspaces"] == []
 

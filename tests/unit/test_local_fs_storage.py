@@ -39,8 +39,9 @@ def outside(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def storage(root: Path) -> LocalFileSystemStorage:
-    return make_storage(root)
+def storage(root: Path, outside: Path) -> LocalFileSystemStorage:
+    # Symlinks are off by default; these tests may link into ``outside``.
+    return make_storage(root, allowed_symlink_sources=[str(outside)])
 
 
 @pytest.fixture
@@ -289,7 +290,11 @@ async def test_files_are_checked_before_symlinks(storage: LocalFileSystemStorage
 
 
 async def test_planted_dir_symlink_is_not_followed(
-    storage: LocalFileSystemStorage, account: ExternalAccount, ws: Path, tmp_path: Path
+    storage: LocalFileSystemStorage,
+    account: ExternalAccount,
+    ws: Path,
+    tmp_path: Path,
+    outside: Path,
 ) -> None:
     outside_dir = tmp_path / "outside_dir"
     outside_dir.mkdir()
@@ -299,7 +304,7 @@ async def test_planted_dir_symlink_is_not_followed(
     assert info.value.user_message == "Invalid file path specified evil/x.txt"
     assert entries(outside_dir) == []
 
-    link = SymlinkSpec(name="evil/l", source_path=str(tmp_path))
+    link = SymlinkSpec(name="evil/l", source_path=str(outside))
     with pytest.raises(InvalidRequest) as info:
         await storage.write_files(str(ws), account, [], [link])
     assert info.value.user_message == "Invalid symlink destination path specified evil/l"
@@ -361,9 +366,9 @@ async def test_writing_onto_directory_or_fifo_is_rejected(
 
 
 async def test_symlink_to_missing_source(
-    storage: LocalFileSystemStorage, account: ExternalAccount, ws: Path, tmp_path: Path
+    storage: LocalFileSystemStorage, account: ExternalAccount, ws: Path, outside: Path
 ) -> None:
-    missing = str(tmp_path / "missing")
+    missing = str(outside / "missing")  # inside an allowed root: the reference's 500
     with pytest.raises(BackendError) as info:
         await storage.write_files(
             str(ws), account, [FileSpec(name="f")], [SymlinkSpec(name="l", source_path=missing)]
@@ -405,10 +410,34 @@ async def test_allowed_symlink_sources(
     await storage.write_files(path, account, [], [ok])
     assert is_link(os.path.join(path, "set1"))
 
+    # Resolved (as the owner) when written, before anything is: validation alone only
+    # refuses what the text shows (a relative source here).
+    with pytest.raises(InvalidRequest) as info:
+        await storage.validate_files([], [SymlinkSpec(name="x", source_path="set1")])
+    assert info.value.user_message == "Symlink source not allowed: set1"
     for source in (str(outside), str(datasets / "escape"), "set1"):
+        link = SymlinkSpec(name="x", source_path=source)
         with pytest.raises(InvalidRequest) as info:
-            await storage.validate_files([], [SymlinkSpec(name="x", source_path=source)])
+            await storage.write_files(path, account, [FileSpec(name="f")], [link])
         assert info.value.user_message == f"Symlink source not allowed: {source}"
+    assert entries(Path(path)) == ["set1"]
+
+
+async def test_symlinks_are_off_by_default(
+    root: Path, account: ExternalAccount, outside: Path
+) -> None:
+    storage = make_storage(root)
+    path = storage.workspace_path(account, 1)
+    await storage.create_workspace(path, account)
+    for source in (str(outside), str(outside / "missing"), "/", "rel"):
+        link = SymlinkSpec(name="l", source_path=source)
+        with pytest.raises(InvalidRequest) as info:
+            await storage.validate_files([], [link])
+        assert info.value.user_message == f"Symlink source not allowed: {source}"
+        with pytest.raises(InvalidRequest) as info:
+            await storage.write_files(path, account, [FileSpec(name="f")], [link])
+        assert info.value.user_message == f"Symlink source not allowed: {source}"
+    assert entries(Path(path)) == []
 
 
 # --- uploads ------------------------------------------------------------------------------------

@@ -51,6 +51,18 @@ def _local_postgres_up() -> bool:
 
 
 TEST_ACCOUNT_COMMENT = "uws-test"
+# The test config's allowed_symlink_sources root.
+DATASETS = Path("/tmp/uws-test-datasets")
+
+
+def dataset_dir() -> Path:
+    """A fresh directory under the root symlinks may point into, readable by every job
+    account (as a shared data set would be)."""
+    DATASETS.mkdir(mode=0o755, exist_ok=True)
+    DATASETS.chmod(0o755)
+    path = Path(tempfile.mkdtemp(dir=DATASETS))
+    path.chmod(0o755)
+    return path
 
 
 def traversable_dir(prefix: str) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from db.tables import Workspace
 from tests.api.test_workspaces import create, get_one, workspace_dir
-from tests.conftest import eventually, make_user_token
+from tests.conftest import dataset_dir, eventually, make_user_token
 
 
 async def _user(client, api_client_key: str, name: str) -> tuple[dict[str, str], int, str]:
@@ -35,8 +35,7 @@ async def test_share_flow_between_two_users(
 ) -> None:
     alice, _, _ = await _user(client, api_client_key, "alice")
     bob, bob_id, bob_email = await _user(client, api_client_key, "bob")
-    dataset = tmp_path / "dataset"
-    dataset.mkdir()
+    dataset = dataset_dir()
     original = await create(client, alice, default_job_type="local_test_job",
                             workspace_details={
         "files": [{"name": "a.txt", "content": "alpha"},

@@ -49,7 +49,7 @@ def setup(tmp: Path) -> tuple[LocalFileSystemStorage, ExternalAccount, str, Path
     outside.mkdir()
     (outside / "secret.txt").write_text("secret")
     storage = LocalFileSystemStorage("local", LocalFileSystemStorage.Settings(
-        root_dir=str(tmp / "root")))
+        root_dir=str(tmp / "root"), allowed_symlink_sources=[str(outside)]))
     account = ExternalAccount(username="fuzz", uid=os.geteuid(), gid=os.getegid())
     path = storage.workspace_path(account, 1)
     asyncio.run(storage.create_workspace(path, account))

@@ -18,13 +18,18 @@ import re
 import shlex
 import stat
 import sys
+from pathlib import Path
 from typing import cast
+
+import logging
 
 import httpx
 from pydantic import Field
 
 from controllers.base import Connection, JobContext, JobType, PluginSettings, SessionEndpoint
 from controllers.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
 
 SESSION_HOST = "127.0.0.1"
 PROBE_TIMEOUT_S = 2.0
@@ -43,6 +48,16 @@ def passthrough_path(hostname: str, job_id: int) -> str:
 def interpreter(python: str) -> str:
     """The configured interpreter, or the worker's own when none is configured."""
     return python or sys.executable
+
+
+def runnable_by_others(path: str) -> bool:
+    """Whether an account other than ours can execute ``path`` (every directory on the way
+    searchable, the file executable by others)."""
+    real = Path(os.path.realpath(path))
+    try:
+        return all(p.stat().st_mode & 0o001 for p in (real, *real.parents))
+    except OSError:
+        return False
 
 
 def session_of(ctx: JobContext) -> SessionEndpoint:
@@ -128,6 +143,18 @@ class JupyterLabJob(JobType):
         extra_args: list[str] = Field(default_factory=list)
         # Stop a session nobody has used through the passthrough for this long (off: None).
         idle_timeout_minutes: float | None = Field(default=None, gt=0)
+
+    async def prepare(self) -> None:
+        # As root, jobs run as their owners' accounts: they must be able to run Python.
+        if os.geteuid() != 0:
+            return
+        for resource in ("", *self.settings_by_resource):
+            python = interpreter(cast(JupyterLabJob.Settings,
+                                      self.settings_for(resource)).python)
+            if not runnable_by_others(python):
+                log.warning("job accounts cannot run %s (a directory on its path is not "
+                            "searchable by others): set %s's python to an interpreter every "
+                            "account can run", python, self.name)
 
     def script(self, ctx: JobContext) -> str:
         settings = cast(JupyterLabJob.Settings, self.settings_for(ctx.resource_name))

@@ -13,6 +13,7 @@ The helpers for the token and the readiness probe are shared with the Appyter jo
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -20,8 +21,6 @@ import stat
 import sys
 from pathlib import Path
 from typing import cast
-
-import logging
 
 import httpx
 from pydantic import Field

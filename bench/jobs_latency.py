@@ -7,9 +7,11 @@ Starts its own PostgreSQL database, Temporal dev server, worker and API (the hel
 
 1. ``--jobs`` LocalTestJobs of ``--duration`` s, started one after another ``--gap`` s
    apart: the time from sending ``PUT /workspaces/{id}/start/`` to the ``running`` event,
-   and from the process's exit (the mtime of ``.uws-exit`` in the job directory) to the
-   ``complete`` event.
-   Rows indented under a latency split it at the process start (mtime of ``.uws-pid``).
+   and from the process's exit (``ended_at`` in the local resource's ``ended.json``) to
+   the ``complete`` event.
+   Rows indented under a latency split it at the process start (``started_at`` in its
+   ``started.json``). Both are the supervisor's clock, in the server's own state
+   ``<data dir>/local-jobs/<job id>/``, not files of the job's directory.
 2. ``--concurrent`` jobs of ``--hold`` s across several users and workspaces: the rate of
    the start endpoint, then, once all of them run, the CPU time of the worker process and
    of the Temporal dev server over ``--window`` s (set against 5 s with no job active),
@@ -31,8 +33,10 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -64,6 +68,8 @@ from bench.api_throughput import (  # noqa: E402
     user_token,
 )
 from bench.report import emit, percentile  # noqa: E402
+from controllers.resources.local.procfs import is_alive  # noqa: E402
+from controllers.resources.local.resource import ENDED, STARTED  # noqa: E402
 from core.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 
 try:
@@ -125,7 +131,7 @@ def start_stack(tmp: Path, logs: Path, stack: contextlib.ExitStack) -> Stack:
     temporal = start_temporal_dev_server(tmp / "temporal", host=HOST, port=temporal_port,
                                          ui_port=free_port())
     stack.callback(stop_process, temporal)
-    data_dir = tmp / "data"
+    data_dir = traversable_data_dir(stack)
     # Runs after the worker stopped: a job process left by an interrupted run dies too.
     stack.callback(kill_leftover_jobs, data_dir)
 
@@ -152,18 +158,45 @@ def start_stack(tmp: Path, logs: Path, stack: contextlib.ExitStack) -> Stack:
     return Stack(api_port, data_dir, worker.pid, temporal.pid, api.proc.pid, users)
 
 
+def traversable_data_dir(stack: contextlib.ExitStack) -> Path:
+    """A data dir the jobs' accounts can pass through (multi-user, as root, each job runs
+    as its owner's OS account, and the bench's temporary directory is 0700): the search
+    bit only, never the read bit, and apart from the bench's database and logs. The
+    server's own state below keeps its own modes. Removed when ``stack`` closes (after
+    callbacks registered later, such as ``kill_leftover_jobs``)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="uws-bench-data-"))
+    data_dir.chmod(0o711)
+    stack.callback(shutil.rmtree, data_dir, True)
+    return data_dir
+
+
+def state_dir(data_dir: Path, job_id: int) -> Path:
+    """Where the local resource's supervisor records job ``job_id`` (server state)."""
+    return data_dir / "local-jobs" / str(job_id)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def kill_leftover_jobs(data_dir: Path) -> None:
-    """TERM the process group of every job wrapper under our data dir that still runs
-    (they are detached, so stopping the worker leaves them alive)."""
-    for pid_file in data_dir.glob("workspaces/*/*/.jobs/*/.uws-pid"):
-        workdir = pid_file.parent
-        if (workdir / ".uws-exit").exists():
+    """TERM the supervisor of every job under our data dir that has not ended (they are
+    detached, so stopping the worker leaves them alive); each stops its job's whole tree."""
+    for path in data_dir.glob(f"local-jobs/*/{STARTED}"):
+        if (path.parent / ENDED).exists():
             continue
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(pid_file.read_text())
-            # Only our wrapper: the pid may have been reused since.
-            if str(workdir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.killpg(pid, signal.SIGTERM)
+        record = read_record(path)
+        if record is None:
+            continue
+        with contextlib.suppress(ValueError, TypeError, OSError):
+            pid, ticks = int(record["supervisor_pid"]), record.get("supervisor_ticks")
+            # Only our supervisor: the pid may have been reused since.
+            if is_alive(pid, ticks):
+                os.kill(pid, signal.SIGTERM)
 
 
 # --- events from the sockets ----------------------------------------------------------
@@ -260,14 +293,19 @@ def time_limit_for(seconds: float) -> int:
     return min(480, math.ceil(seconds / 60) + 2)
 
 
-def job_file(data_dir: Path, job: Job, name: str) -> Path | None:
-    found = list(data_dir.glob(f"workspaces/*/{job.workspace_id}/.jobs/{job.id}/{name}"))
-    return found[0] if found else None
+def started_at(data_dir: Path, job: Job) -> float | None:
+    """When the job's process started (``started.json``), by the supervisor's clock."""
+    record = read_record(state_dir(data_dir, job.id) / STARTED)
+    # A supervisor that could not isolate the job records a start with no job (pid 0).
+    if record is None or not record.get("job_pid"):
+        return None
+    return float(record["started_at"])
 
 
-def mtime(data_dir: Path, job: Job, name: str) -> float | None:
-    path = job_file(data_dir, job, name)
-    return path.stat().st_mtime if path is not None else None
+def ended_at(data_dir: Path, job: Job) -> float | None:
+    """When the job's process exited (``ended.json``), by the supervisor's clock."""
+    record = read_record(state_dir(data_dir, job.id) / ENDED)
+    return float(record["ended_at"]) if record is not None else None
 
 
 async def final_check(client: httpx.AsyncClient, jobs: list[Job]) -> dict[int, str]:
@@ -314,15 +352,15 @@ def series(label: str, jobs: list[Job], value: Callable[[Job], float | None],
 def latency_rows(tag: str, jobs: list[Job], events: Events, data_dir: Path,
                  targets: bool) -> list[Series]:
     def since_exit(job: Job) -> float | None:
-        done, exited = events.at(job.id, "complete"), mtime(data_dir, job, ".uws-exit")
+        done, exited = events.at(job.id, "complete"), ended_at(data_dir, job)
         return done - exited if done is not None and exited is not None else None
 
     def process_start(job: Job) -> float | None:
-        started = mtime(data_dir, job, ".uws-pid")
+        started = started_at(data_dir, job)
         return started - job.sent if started is not None else None
 
     def after_process(job: Job) -> float | None:
-        running, started = events.at(job.id, "running"), mtime(data_dir, job, ".uws-pid")
+        running, started = events.at(job.id, "running"), started_at(data_dir, job)
         return running - started if running is not None and started is not None else None
 
     def start_running(job: Job) -> float | None:
@@ -333,7 +371,7 @@ def latency_rows(tag: str, jobs: list[Job], events: Events, data_dir: Path,
         series(f"start -> running ({tag})", jobs, start_running,
                TARGET_START_RUNNING_P50 if targets else None),
         series("  PUT start round trip", jobs, lambda j: j.answered - j.sent),
-        series("  PUT sent -> process up (.uws-pid)", jobs, process_start),
+        series("  PUT sent -> process up (started.json)", jobs, process_start),
         series("  process up -> running event", jobs, after_process),
         series(f"exit -> complete ({tag})", jobs, since_exit,
                TARGET_EXIT_COMPLETE_P50 if targets else None),
@@ -440,7 +478,7 @@ class CpuMeter:
 
 async def sample_cpu(st: Stack, jobs: list[Job], args: argparse.Namespace) -> CpuReport:
     """The steady state: a window ended early enough that no job exits in it."""
-    started = [t for t in (mtime(st.data_dir, j, ".uws-pid") for j in jobs) if t is not None]
+    started = [t for t in (started_at(st.data_dir, j) for j in jobs) if t is not None]
     first_exit = min(started) + args.hold if started else math.inf
     seconds = max(0.0, min(args.window, first_exit - 1.0 - time.time()))
     meter = CpuMeter(st)

@@ -51,7 +51,12 @@ from bench.api_throughput import (  # noqa: E402
     start_child,
     user_token,
 )
-from bench.jobs_latency import JOB_TYPE, kill_leftover_jobs, write_config  # noqa: E402
+from bench.jobs_latency import (  # noqa: E402
+    JOB_TYPE,
+    kill_leftover_jobs,
+    traversable_data_dir,
+    write_config,
+)
 from bench.report import emit, percentile  # noqa: E402
 from core.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 
@@ -309,7 +314,7 @@ def run(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> int
         temporal = start_temporal_dev_server(tmp / "temporal", host=HOST, port=temporal_port,
                                              ui_port=free_port())
         stack.callback(stop_process, temporal)
-        data_dir = tmp / "data"
+        data_dir = traversable_data_dir(stack)  # the jobs' accounts pass through it
         stack.callback(kill_leftover_jobs, data_dir)  # runs after the worker stopped
         port = free_port()
         env = {**os.environ,

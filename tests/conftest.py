@@ -83,23 +83,33 @@ def _let_accounts_run(path: Path) -> None:
             parent.chmod(mode | 0o001)
 
 
-def _remove_test_accounts() -> None:
-    """The OS accounts this run's sign-ins created (useradd_args tag them)."""
-    for entry in pwd.getpwall():
-        if entry.pw_gecos == TEST_ACCOUNT_COMMENT:
-            subprocess.run(["pkill", "-KILL", "-u", entry.pw_name], capture_output=True)
-            subprocess.run(["userdel", "--remove", entry.pw_name], capture_output=True)
+def _test_accounts() -> set[str]:
+    return {e.pw_name for e in pwd.getpwall() if e.pw_gecos == TEST_ACCOUNT_COMMENT}
+
+
+def _remove_accounts(names: set[str]) -> None:
+    for name in names:
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+
+
+def _idle(name: str) -> bool:
+    return subprocess.run(["pgrep", "-u", name], capture_output=True).returncode != 0
 
 
 @pytest.fixture(scope="session", autouse=True)
 def job_accounts() -> Iterator[None]:
+    """The OS accounts this run's sign-ins create (useradd_args tag them) are removed at
+    the end; accounts an interrupted earlier run left, at the start, unless something
+    still runs as them (another run of the suite on this machine)."""
     if os.geteuid() != 0:
         pytest.exit("the suite runs multi-user, as CI does: run it as root", returncode=3)
     for path in (Path(sys.executable).resolve(), Path(sys.executable).absolute(), TESTS.parent):
         _let_accounts_run(path.parent if path.is_file() else path)
-    _remove_test_accounts()  # whatever an interrupted earlier run left
+    _remove_accounts({name for name in _test_accounts() if _idle(name)})
+    before = _test_accounts()
     yield
-    _remove_test_accounts()
+    _remove_accounts(_test_accounts() - before)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,9 @@ and a free port: never the machine's shared server), a Temporal dev server on a 
 kept across restarts, N ``uws api`` and M ``uws worker`` processes. Every process can be
 SIGKILLed and started again; ``close()`` leaves nothing running, the jobs the local
 resource launched included.
+
+The data dir (``UWS_DATA_DIR``) is not under ``base`` (pytest's tmp dirs are 0700 root):
+jobs run as the users' own OS accounts, which must pass through it to their workspaces.
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ from core.temporal import SEARCH_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-LAUNCH_RECORD = ".uws-launch.json"
+# What the local resource's supervisor records of each job, in <data_dir>/local-jobs/<id>/
+# (controllers/resources/local/resource.py): server state, never the job's workdir.
+LOCAL_JOBS = "local-jobs"
+STARTED, ENDED = "started.json", "ended.json"
+# How long close() gives a supervisor to stop its job's tree before SIGKILLing it.
+SUPERVISOR_STOP_S = 5.0
 
 
 def free_port() -> int:
@@ -249,10 +257,14 @@ class Stack:
     """PostgreSQL + Temporal + ``apis`` API processes + ``workers`` worker processes."""
 
     def __init__(self, base: Path, *, apis: int = 1, workers: int = 1,
-                 config: Path | None = None, extra_env: dict[str, str] | None = None) -> None:
+                 config: Path | None = None, extra_env: dict[str, str] | None = None,
+                 data_dir: Path | None = None) -> None:
+        from tests.conftest import traversable_dir
+
         self.base = base
-        self.data_dir = base / "data"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # A data dir the caller made (traversable too) is the caller's to remove.
+        self._own_data_dir = data_dir is None
+        self.data_dir = traversable_dir("uws-stack-data-") if data_dir is None else data_dir
         self.config = config or TESTS / "data" / "test-config.toml"
         self.pg = Postgres(base)
         self.temporal = TemporalServer(base)
@@ -334,13 +346,32 @@ class Stack:
 
     # --- teardown and diagnostics ----------------------------------------------------------
 
+    def job_state_dir(self, job_id: int) -> Path:
+        """Where the local resource keeps what it knows of job ``job_id``."""
+        return self.data_dir / LOCAL_JOBS / str(job_id)
+
     def stop_launched_jobs(self) -> None:
-        """SIGKILL what the local resource launched and is still alive (its handles say)."""
-        for record in self.data_dir.rglob(LAUNCH_RECORD):
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                handle = json.loads(record.read_text())
-                if job_process_alive(handle):
-                    os.killpg(int(handle["pgid"]), signal.SIGKILL)
+        """Stop what the local resource launched and still runs (its started.json records
+        say): SIGTERM to each live supervisor, which stops its job's whole tree; SIGKILL to
+        the supervisor and the job's group when that takes too long."""
+        live = []
+        for path in (self.data_dir / LOCAL_JOBS).glob(f"*/{STARTED}"):
+            record = read_record(path)
+            if record is None:
+                continue
+            supervisor = (int(record.get("supervisor_pid", 0)), record.get("supervisor_ticks"))
+            job = (int(record.get("job_pid", 0)), record.get("job_ticks"))
+            if process_alive(*supervisor):
+                signal_if_alive(*supervisor, signal.SIGTERM)
+                live.append((supervisor, job))
+            elif process_alive(*job):
+                signal_if_alive(*job, signal.SIGKILL, group=True)
+        deadline = time.monotonic() + SUPERVISOR_STOP_S
+        while any(process_alive(*sup) for sup, _ in live) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for supervisor, job in live:
+            signal_if_alive(*supervisor, signal.SIGKILL)
+            signal_if_alive(*job, signal.SIGKILL, group=True)
 
     def close(self) -> None:
         if self._closed:
@@ -351,6 +382,8 @@ class Stack:
         self.stop_launched_jobs()
         self.temporal.proc.kill()
         self.pg.remove()
+        if self._own_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
         atexit.unregister(self.close)
 
     def logs(self, chars: int = 3000) -> str:
@@ -358,11 +391,27 @@ class Stack:
         return "\n".join(f"===== {p.name} ({p.log}) =====\n{p.tail(chars)}" for p in procs)
 
 
-def job_process_alive(handle: dict) -> bool:
-    """Whether the wrapper a launch handle names still runs (same pid, same start time)."""
+def read_record(path: Path) -> dict | None:
+    """One of the supervisor's JSON records, or None when absent or unreadable."""
     try:
-        raw = Path(f"/proc/{int(handle['id'])}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    fields = raw.rpartition(")")[2].split()
-    return fields[0] not in ("Z", "X") and int(fields[19]) == handle.get("start_ticks")
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def process_alive(pid: int, ticks: int | None) -> bool:
+    """Whether ``pid`` is still the process recorded with start time ``ticks`` (not a
+    zombie, not a stranger that reused the pid)."""
+    from controllers.resources.local.procfs import is_alive
+
+    return is_alive(pid, ticks)
+
+
+def signal_if_alive(pid: int, ticks: int | None, sig: int, *, group: bool = False) -> None:
+    if process_alive(pid, ticks):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)

@@ -20,7 +20,8 @@ import pwd
 import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from controllers.base import ExternalAccount, PluginSettings, UserInfo
 from controllers.errors import AuthenticationFailed, BackendError, Forbidden
@@ -44,13 +45,13 @@ class AccountSettings(PluginSettings):
     create_external_users: bool = True
     useradd_args: list[str] = ["--create-home", "--shell", "/bin/bash"]
     min_uid: int = Field(1000, ge=1, description="Accounts below this uid are the system's.")
+    # Only here to be refused with the reason (an unknown key would say less).
+    single_user: None = Field(None, exclude=True)
 
-    @model_validator(mode="before")
+    @field_validator("single_user", mode="before")
     @classmethod
-    def _no_single_user(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "single_user" in data:
-            raise ValueError(SINGLE_USER_GONE)
-        return data
+    def _no_single_user(cls, value: Any) -> None:
+        raise PydanticCustomError("single_user_gone", SINGLE_USER_GONE)
 
 
 def resolved_mode(mode: Mode) -> Literal["multi_user", "personal"]:

@@ -19,7 +19,7 @@ import pytest
 import websockets
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from tests.stack import Stack, job_process_alive
+from tests.stack import ENDED, STARTED, Stack, process_alive, read_record
 
 FINAL = ("complete", "failed")
 OUTPUT_FILE = "test_job_output.txt"
@@ -229,8 +229,10 @@ async def assert_consistent(stack: Stack, expected: dict[int, str],
     """The database, Temporal and the file system agree about every job of ``expected``
     (job id -> final status): the row is final with an end time, the workflow completed
     with that status as its result and search attribute, the job ran on the resource
-    exactly once (one "started" line; none for a job stopped before its launch, when
-    ``launched`` says so) and nothing of it still runs; its workspace is idle again; each
+    exactly once (one "started" line in its output and one supervised start on record:
+    none of either for a job stopped before its launch, when ``launched`` says so) and
+    nothing of it still runs: its supervisor recorded the end and is gone, and so is the
+    job's process; its workspace is idle again; each
     owner's quota has no reservation left and counts exactly the core-hours of its jobs.
     Returns the rows, for reports."""
     job_ids = list(expected)
@@ -257,12 +259,26 @@ async def assert_consistent(stack: Stack, expected: dict[int, str],
         started = output.read_text().count("started") if output.exists() else 0
         ran = row["resource_job_id"] != -1 if launched is None else launched[job_id]
         assert started == (1 if ran else 0), (job_id, started, row)
+        # What the local resource's supervisor recorded, in the server's own state.
+        state = stack.job_state_dir(job_id)
+        start_record = read_record(state / STARTED)
+        end_record = read_record(state / ENDED)
         if ran:
             assert row["core_hours"] > 0, (job_id, row)
-            handle_record = json.loads((workdir / ".uws-launch.json").read_text())
-            assert handle_record["id"] == row["resource_job_id"], (job_id, handle_record)
-            assert not job_process_alive(handle_record), f"job {job_id} still runs"
-            assert (workdir / ".uws-exit").exists(), job_id
+            assert start_record is not None, f"job {job_id}: no {STARTED} in {state}"
+            assert start_record["job_pid"] == row["resource_job_id"], (job_id, start_record)
+            assert not process_alive(start_record["supervisor_pid"],
+                                     start_record.get("supervisor_ticks")), (
+                f"job {job_id}: its supervisor still runs", start_record)
+            assert not process_alive(start_record["job_pid"], start_record.get("job_ticks")), (
+                f"job {job_id} still runs", start_record)
+            assert end_record is not None, f"job {job_id}: no {ENDED} in {state}"
+            assert end_record["ended_at"] >= start_record["started_at"], (
+                job_id, start_record, end_record)
+        else:
+            assert start_record is None and end_record is None, (
+                f"job {job_id} never launched, yet its supervisor recorded", start_record,
+                end_record)
         assert row["ws_status"] == "idle", (job_id, row["ws_status"])
 
     for user_id in {r["user"] for r in rows.values()}:

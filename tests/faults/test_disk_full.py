@@ -10,6 +10,7 @@ usage numbers match what is on disk."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import traversable_dir
 from tests.faults.helpers import db_fetch, eventually, new_user, new_workspace
 from tests.stack import TESTS, Stack
 
@@ -29,19 +31,25 @@ NO_SPACE = "Not enough space left on the storage to save this upload."
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("disk-full")
-    disk = base / "data" / "small-disk"
-    disk.mkdir(parents=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
-                           capture_output=True, text=True)
+    # The users' OS accounts pass through the data dir to their workspaces: not under
+    # pytest's 0700 tmp dirs. The small disk's root as the storage makes its root (0755),
+    # not tmpfs's default world-writable 1777.
+    data = traversable_dir("uws-disk-full-data-")
+    disk = data / "small-disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs",
+                            str(disk)], capture_output=True, text=True)
     if mount.returncode != 0:
+        shutil.rmtree(data, ignore_errors=True)
         pytest.skip(f"cannot mount a small tmpfs here ({mount.stderr.strip()}): "
                     "disk-full faults not tested")
-    s = Stack(base, apis=1, workers=1, config=CONFIG)
+    s = Stack(base, apis=1, workers=1, config=CONFIG, data_dir=data)
     try:
         yield s.start()
     finally:
         s.close()
         subprocess.run(["umount", "-l", str(disk)], check=False)
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def _entries(path: Path) -> dict[str, int]:

@@ -1,14 +1,13 @@
 """The worker SIGKILLed in each phase of a job (launching, running, stopping, and jobs
 still pending while no worker runs), and the Temporal dev server restarted on its SQLite
 file: a new worker finishes every job, each ran once on the resource, and the jobs table,
-the workflows and the job directories agree."""
+the workflows, the job directories and the local resource's own records agree."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,10 @@ from tests.faults.helpers import (
     start_job,
     wait_status,
 )
-from tests.stack import Stack
+from tests.stack import STARTED, Stack
+
+# The local resource's records of a launch under way (controllers/resources/local/).
+SPEC, SUPERVISOR_LOG = "spec.json", "supervisor.log"
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -34,33 +36,29 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.close()
 
 
-async def _workspace_dir(stack: Stack, workspace_id: int) -> Path:
-    rows = await db_fetch(stack, "SELECT file_path FROM uws_workspace WHERE id = $1",
-                          workspace_id)
-    return Path(rows[0]["file_path"])
-
-
-def _kill_inside_launch(jobs_dir: Path, timeout: float = 30) -> dict[str, bool]:
-    """SIGKILL target: the first moment a launch wrote its wrapper. Returns what that
-    launch had done by then (a busy loop on purpose: the window is milliseconds)."""
+def _kill_inside_launch(stack: Stack, job_ids: list[int],
+                        timeout: float = 30) -> dict[str, int | bool]:
+    """SIGKILL target: the first moment a launch of one of ``job_ids`` wrote the spec its
+    supervisor runs. Returns what that launch had done by then (a busy loop on purpose:
+    the window, until the supervisor records the start, is milliseconds)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if jobs_dir.is_dir():
-            for job in jobs_dir.iterdir():
-                if (job / ".uws-run.sh").exists():
-                    return {"wrapper": True, "pid": (job / ".uws-pid").exists(),
-                            "record": (job / ".uws-launch.json").exists()}
+        for job_id in job_ids:
+            state = stack.job_state_dir(job_id)
+            if (state / SPEC).exists():
+                return {"job": job_id, "spec": True,
+                        "supervisor_log": (state / SUPERVISOR_LOG).exists(),
+                        "started": (state / STARTED).exists()}
         time.sleep(0.001)
-    raise AssertionError("no launch began")
+    raise AssertionError(f"no launch of {job_ids} began")
 
 
 async def test_worker_killed_during_launch(stack: Stack, client_key: str) -> None:
     user = await new_user(stack, client_key)
     async with user.http() as http:
         ws = await new_workspace(http)
-        jobs_dir = await _workspace_dir(stack, ws) / ".jobs"
         jobs = [await start_job(http, ws, 2) for _ in range(3)]
-    seen = await asyncio.to_thread(_kill_inside_launch, jobs_dir)
+    seen = await asyncio.to_thread(_kill_inside_launch, stack, jobs)
     stack.workers[0].kill()
     print(f"worker killed inside a launch: {seen}")
     stack.start_worker(0)

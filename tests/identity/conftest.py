@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import secrets
+import subprocess
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -20,13 +22,17 @@ import httpx
 import pytest
 import uvicorn
 
-from tests.conftest import TESTS, free_port
+from tests.conftest import TEST_ACCOUNT_COMMENT, TESTS, free_port
 from tests.identity.fake_provider import FakeProvider
 
 SECRET_ENV = "UWS_TEST_IDP_SECRET"
 SECRET = "s3cret-for-tests"
 GLOBUS_CLIENT = "uws-globus-client"
 ALLOWED_GROUP = "6f9c2a52-0000-4000-8000-00000000beef"
+# The OS account the Globus config's account_map sends its identities to (@OS_USER@):
+# a real unprivileged account of this run, never the test process's own (root), which
+# no user may be given. Created by ``mapped_os_user``, removed with the run's others.
+MAPPED_OS_USER = f"uwsglobus{secrets.token_hex(3)}"
 
 
 @asynccontextmanager
@@ -70,10 +76,20 @@ def provider_up(request: pytest.FixtureRequest) -> Any:
         request.getfixturevalue("provider").fail_with = None
 
 
+@pytest.fixture(scope="session")
+def mapped_os_user() -> pwd.struct_passwd:
+    """``MAPPED_OS_USER``, tagged like every account sign-ins create in this run."""
+    try:
+        return pwd.getpwnam(MAPPED_OS_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--comment", TEST_ACCOUNT_COMMENT,
+                        MAPPED_OS_USER], check=True, capture_output=True)
+        return pwd.getpwnam(MAPPED_OS_USER)
+
+
 def config_text(name: str, provider_url: str) -> str:
     text = (TESTS / "data" / name).read_text()
-    return text.replace("@PROVIDER@", provider_url).replace(
-        "@OS_USER@", pwd.getpwuid(os.geteuid()).pw_name)
+    return text.replace("@PROVIDER@", provider_url).replace("@OS_USER@", MAPPED_OS_USER)
 
 
 def build_from(name: str, provider_url: str, data_dir: Path):
@@ -88,7 +104,7 @@ def build_from(name: str, provider_url: str, data_dir: Path):
 def _app_fixture(config_name: str) -> Callable[..., Any]:
     # Module scope: each auth method's app serves its own module's tests.
     @pytest.fixture(scope="module")
-    async def fixture(provider, settings, data_dir, temporal_env, engine
+    async def fixture(provider, settings, data_dir, temporal_env, engine, mapped_os_user
                       ) -> AsyncIterator[httpx.AsyncClient]:
         from api.app import create_app
 

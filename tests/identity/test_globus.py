@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import pwd
 import secrets
 import uuid
 
@@ -12,6 +12,7 @@ from db.tables import User
 from tests.identity.conftest import (
     ALLOWED_GROUP,
     GLOBUS_CLIENT,
+    MAPPED_OS_USER,
     assert_forbidden,
     assert_refused,
     assert_works,
@@ -44,10 +45,13 @@ async def test_valid_token_signs_in_and_maps_identity(globus_client, provider) -
     row = await user_row("alice@globusid.org")
     assert row == {"username": "alice@globusid.org", "email": "alice@example.org",
                    "first_name": "Alice", "last_name": "van Example"}
-    # account_map sent this identity to the OS account the tests run as.
+    # account_map sent this identity to the OS account it names.
     user = await User.select(User.id).where(User.username == "alice@globusid.org").first()
     account = await external_account(user["id"], "globus")
-    assert account is not None and account.uid == os.geteuid()
+    entry = pwd.getpwnam(MAPPED_OS_USER)
+    assert account is not None
+    assert (account.username, account.uid, account.gid) == (
+        MAPPED_OS_USER, entry.pw_uid, entry.pw_gid)
 
 
 async def test_introspection_asks_for_identity_set_with_client_credentials(

@@ -3,6 +3,7 @@ the key path and the reason."""
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -122,3 +123,59 @@ def test_cli_reports_config_error(tmp_path: Path) -> None:
                           cwd=ROOT, timeout=60)
     assert proc.returncode == 2
     assert f"configuration error: {bad}: main_storage: Field required" in proc.stderr
+
+
+def _with_auth_details(**details: object) -> dict:
+    data = _default()
+    data["available_user_authentication"]["local_auth"]["connection_details"] = details
+    return data
+
+
+SINGLE_USER_GONE = "single_user is no longer supported"
+
+
+def test_single_user_is_refused(tmp_path: Path) -> None:
+    """The old ``single_user = true`` (every user's jobs as one account) stops start-up,
+    saying why, instead of being ignored or silently mapped to another mode."""
+    err = _error(_with_auth_details(single_user=True, create_external_users=False), tmp_path)
+    assert err.key_path.startswith("available_user_authentication.local_auth.connection_details")
+    assert "single_user" in str(err)
+    assert err.reason.startswith(SINGLE_USER_GONE), err.reason
+
+
+def test_single_user_false_is_refused_too(tmp_path: Path) -> None:
+    """Even ``single_user = false``: the key no longer means anything, so it is named."""
+    err = _error(_with_auth_details(single_user=False), tmp_path)
+    assert err.reason.startswith(SINGLE_USER_GONE), err.reason
+
+
+def test_cli_stops_on_single_user(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "old.toml"
+    bad.write_text(tomli_w.dumps(_with_auth_details(single_user=True)))
+    proc = subprocess.run([sys.executable, "-m", "core.cli", "api"], capture_output=True,
+                          text=True, env={"UWS_CONFIG": str(bad), "PATH": "/usr/bin:/bin",
+                                          "UWS_DATABASE_URL": "postgresql:///unused",
+                                          "UWS_DATA_DIR": str(tmp_path / "data")},
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"configuration error: {bad}: available_user_authentication.local_auth." in proc.stderr
+    assert f": {SINGLE_USER_GONE}" in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="personal mode is only refused for root")
+def test_personal_as_root_is_refused(tmp_path: Path) -> None:
+    """Personal mode runs every job as the server's account: as root, that is root."""
+    err = _error(_with_auth_details(accounts="personal"), tmp_path)
+    assert err.key_path == "available_user_authentication.local_auth.connection_details.accounts"
+    assert "root" in err.reason and "personal" in err.reason
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root, auto means multi_user")
+def test_auto_as_root_is_multi_user(tmp_path: Path) -> None:
+    config = load_config(ROOT / "config.toml")
+    controllers = build_controllers(config, file="config.toml", data_dir=tmp_path)
+    assert controllers.api_auth.accounts.mode == "multi_user"
+    assert not controllers.api_auth.serves_one_person

@@ -7,8 +7,9 @@ supervisor and its ``waitpid`` exit code (``supervisor.py``). Nothing in the wor
 the job's directory, which the job's account owns and may rewrite at will, is read back.
 
 In multi-user mode each job runs as its owner's account (never root, never the service
-account) in a network namespace of its own, so it cannot connect to the control plane's
-loopback services (PostgreSQL, Temporal, the API's metrics); an interactive session is
+account) in network and mount namespaces of its own, so it cannot connect to the control plane's
+loopback services (PostgreSQL, Temporal, the API's metrics) nor to the Unix sockets in
+``hidden_paths`` (PostgreSQL's socket directory by default); an interactive session is
 reached through a Unix socket in ``<sessions_dir>/<job id>/``, a directory only the job's
 account and the service can open. A host that cannot make network namespaces refuses to
 start: jobs are never run unisolated. In personal mode (one person, the server's own
@@ -107,6 +108,9 @@ class LocalResource(ComputeResource):
         # The service's own directories; relative paths are under UWS_DATA_DIR.
         state_dir: str = "local-jobs"
         sessions_dir: str = "sessions"
+        # Directories of the control plane's Unix sockets, hidden from isolated jobs (a
+        # network namespace does not cover those); add any other local service's.
+        hidden_paths: list[str] = ["/run/postgresql", "/var/run/postgresql"]
 
     settings: Settings
 
@@ -216,7 +220,7 @@ class LocalResource(ComputeResource):
             "username": request.account.username, "switch_user": switch,
             "workdir": str(Path(request.workdir)), "script": request.script,
             "shell": self.settings.shell, "env": self._environment(request),
-            "isolate_network": self.isolated,
+            "isolate_network": self.isolated, "hidden_paths": self.settings.hidden_paths,
             "stop_grace_seconds": self.settings.stop_grace_seconds,
         }
         with contextlib.suppress(FileNotFoundError):

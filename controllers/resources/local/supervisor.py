@@ -31,12 +31,17 @@ import sys
 import time
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
 PR_SET_CHILD_SUBREAPER = 36
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 # After the job's main process ended, what it left behind gets this long after a TERM.
 LEFTOVER_GRACE_S = 2.0
+# Once KILLing, the whole tree is swept this often until nothing of it is left.
+KILL_SWEEP_INTERVAL_S = 0.05
 EXIT_ANOTHER_SUPERVISOR = 75
 
 
@@ -86,12 +91,26 @@ def signal_all(sig: int) -> None:
             pass
 
 
-def isolate_network(libc: ctypes.CDLL) -> None:
-    """A network namespace of our own with only its loopback, up (Jupyter's kernels talk
-    to their server over it)."""
-    if libc.unshare(CLONE_NEWNET) != 0:
+def _check(result: int, what: str) -> None:
+    if result != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def isolate(libc: ctypes.CDLL, hidden: list[str]) -> None:
+    """Network and mount namespaces of our own. The network one holds only its loopback,
+    up (Jupyter's kernels talk to their server over it), so no port of the host is
+    reachable. A network namespace does not cover Unix sockets in the file system: the
+    directories of the control plane's (PostgreSQL's, say) are covered by an empty,
+    read-only tmpfs in our mount namespace, which first stops sharing mounts with the host
+    so nothing we mount is seen outside."""
+    _check(libc.unshare(CLONE_NEWNET | CLONE_NEWNS), "unshare(CLONE_NEWNET | CLONE_NEWNS)")
+    _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+    for path in dict.fromkeys(os.path.realpath(p) for p in hidden):
+        if os.path.isdir(path):
+            flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+            _check(libc.mount(b"tmpfs", path.encode(), b"tmpfs", flags, b"size=4k,mode=0555"),
+                   f"mount tmpfs on {path}")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
@@ -151,7 +170,7 @@ def supervise(state_dir: str) -> int:
     ended_path = os.path.join(state_dir, "ended.json")
     if spec["isolate_network"]:
         try:
-            isolate_network(libc)
+            isolate(libc, spec.get("hidden_paths", []))
         except OSError as exc:
             write_atomic(os.path.join(state_dir, "started.json"), _started(0, time.time()))
             write_atomic(ended_path, {"code": 127, "ended_at": time.time(),
@@ -167,7 +186,11 @@ def supervise(state_dir: str) -> int:
             signal.setitimer(signal.ITIMER_REAL, max(grace, 0.1))
 
     def on_alarm(signum: int, frame: object) -> None:
+        # One sweep is not enough: a process may fork between our reading /proc and its
+        # KILL, and that child would go on (and keep us waiting) unseen. Sweep again
+        # until none is left; the waitpid loop below ends, and disarms this, once none is.
         signal_all(signal.SIGKILL)
+        signal.setitimer(signal.ITIMER_REAL, KILL_SWEEP_INTERVAL_S)
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
@@ -212,10 +235,10 @@ def _started(job: int, started_at: float) -> dict:
 
 
 def check_network_namespace() -> int:
-    """``--check``: exit 0 when this process may create a network namespace."""
+    """``--check``: exit 0 when this process may create the namespaces jobs run in."""
     if os.fork() == 0:
         try:
-            isolate_network(ctypes.CDLL(None, use_errno=True))
+            isolate(ctypes.CDLL(None, use_errno=True), [])
         except OSError as exc:
             print(exc, file=sys.stderr)
             os._exit(1)

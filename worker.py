@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.failure_policy import FailurePolicyInterceptor
 from activities.jobs import JobActivities
 from activities.shares import ShareActivities
 from activities.upkeep import UpkeepActivities
@@ -41,13 +43,20 @@ def activities_for(controllers: Controllers, client: Client) -> list:
             *ShareActivities(controllers).all(), *UpkeepActivities(controllers, client).all()]
 
 
-def build_worker(client: Client, controllers: Controllers, task_queue: str) -> Worker:
+def build_worker(client: Client, controllers: Controllers, task_queue: str,
+                 shutdown_seconds: float | None = None) -> Worker:
+    if shutdown_seconds is None:
+        shutdown_seconds = get_settings().worker_shutdown_seconds
     return Worker(
         client,
         task_queue=task_queue,
         workflows=WORKFLOWS,
         activities=activities_for(controllers, client),
         max_concurrent_activities=500,
+        # A deploy's SIGTERM lets running activities finish or heartbeat for this long
+        # before they are cancelled (and retried elsewhere), instead of cutting them off.
+        graceful_shutdown_timeout=timedelta(seconds=shutdown_seconds),
+        interceptors=[FailurePolicyInterceptor()],
     )
 
 
@@ -66,7 +75,8 @@ async def run_worker(settings: Settings | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with build_worker(client, controllers, settings.task_queue), \
+        async with build_worker(client, controllers, settings.task_queue,
+                                settings.worker_shutdown_seconds), \
                 job_count_exporter(settings.worker_job_metrics_port):
             log.info("worker polling task queue %r", settings.task_queue)
             await stop.wait()

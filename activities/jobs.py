@@ -13,11 +13,13 @@ from temporalio import activity
 
 from activities.heartbeat import heartbeating
 from controllers.base import ExternalAccount, JobContext, LaunchRequest
+from controllers.errors import InvalidRequest
 from controllers.registry import Controllers
 from db import accounts, reads
 from db import jobs as job_rows
 from db.queries import workspace_location
 from workflows.models import (
+    AbandonInput,
     ConnectionInput,
     ConnectionResult,
     FinalizeInput,
@@ -57,12 +59,13 @@ class JobActivities:
     async def _prepare(self, inp: JobInput) -> PrepareResult:
         location = await workspace_location(inp.workspace_id)
         if location is None or not location["file_path"]:
-            raise RuntimeError(f"workspace {inp.workspace_id} has no directory")
+            # Deleted under the job (or never made): no retry brings it back.
+            raise InvalidRequest(f"Workspace {inp.workspace_id} no longer exists.")
         workdir = job_dir(location["file_path"], inp.job_id)
-        resource = self._c.resources[inp.resource_name]
+        resource = self._c.resource(inp.resource_name)
         account = await self._account(inp.user_id, inp.resource_name)
         await asyncio.to_thread(_make_job_dir, location["file_path"], inp.job_id, account)
-        job_type = self._c.job_types[inp.job_type]
+        job_type = self._c.job_type(inp.job_type)
         # Where a session listens is the resource's decision, made here before launch; its
         # secret goes to a file the job reads, never into the script (history) itself.
         session = (await resource.prepare_session(inp.job_id, account)
@@ -80,7 +83,7 @@ class JobActivities:
 
     @activity.defn(name="launch_job")
     async def launch_job(self, inp: LaunchInput) -> dict[str, Any]:
-        resource = self._c.resources[inp.resource_name]
+        resource = self._c.resource(inp.resource_name)
         account = await self._account(inp.user_id, inp.resource_name)
         # Heartbeats: a worker killed mid-launch is noticed in seconds and the launch is
         # retried elsewhere (finding the job it submitted), not after the whole timeout.
@@ -91,11 +94,18 @@ class JobActivities:
                 time_limit_min=inp.time_limit_min,
             ))
 
+    @activity.defn(name="abandon_launch")
+    async def abandon_launch(self, inp: AbandonInput) -> None:
+        resource = self._c.resource(inp.resource_name)
+        account = await self._account(inp.user_id, inp.resource_name)
+        async with heartbeating(_HEARTBEAT_SECONDS):
+            await resource.abandon(inp.job_id, inp.workdir, account)
+
     @activity.defn(name="watch_job")
     async def watch_job(self, inp: WatchInput) -> WatchResult:
         """The job's state as soon as it differs from ``known_status`` or the timeout ends.
         Heartbeats while it waits, so a dead worker is noticed and the watch moves on."""
-        resource = self._c.resources[inp.resource_name]
+        resource = self._c.resource(inp.resource_name)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + inp.timeout_seconds
         shown = False
@@ -131,15 +141,15 @@ class JobActivities:
     @activity.defn(name="stop_job")
     async def stop_job(self, inp: StopJobInput) -> None:
         async with heartbeating(_HEARTBEAT_SECONDS):  # a stop may wait out a grace period
-            await self._c.resources[inp.resource_name].stop(inp.handle, inp.grace_seconds)
+            await self._c.resource(inp.resource_name).stop(inp.handle, inp.grace_seconds)
 
     @activity.defn(name="job_connection")
     async def job_connection(self, inp: ConnectionInput) -> ConnectionResult:
         """Whether the session answers yet. Its details (the link with its token, the
         upstream) go straight into the job row: an activity's result is kept in the
         workflow history, which is no place for a session's secret."""
-        job_type = self._c.job_types[inp.job_type]
-        resource = self._c.resources[inp.resource_name]
+        job_type = self._c.job_type(inp.job_type)
+        resource = self._c.resource(inp.resource_name)
         account = await self._account(inp.user_id, inp.resource_name) if inp.user_id else None
         session = resource.session_endpoint(inp.job_id, account) if account else None
         ctx = JobContext(job_id=inp.job_id, workdir=inp.workdir, resource_name=inp.resource_name,
@@ -171,9 +181,9 @@ class JobActivities:
         await job_rows.finalize(inp.job_id, inp.status, inp.core_hours, inp.detail)
 
     def all(self) -> list:
-        return [self.prepare_job, self.launch_job, self.watch_job, self.stop_job,
-                self.job_connection, self.record_job_status, self.session_idle_seconds,
-                self.finalize_job]
+        return [self.prepare_job, self.launch_job, self.abandon_launch, self.watch_job,
+                self.stop_job, self.job_connection, self.record_job_status,
+                self.session_idle_seconds, self.finalize_job]
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -13,9 +13,12 @@ from activities.heartbeat import heartbeating
 from controllers.registry import Controllers
 from db import jobs as job_rows
 from db import reads
-from db.queries import store_scan
+from db.queries import db_clock, store_scan
+from db.quotas import stored_disk_sql
 from workflows.models import ReconcileResult, UpkeepInput, UsageResult, job_workflow_id
 
+# What each user's workspaces count for their quota (db.quotas: shares charged to sharers).
+_CHARGED_DISK = stored_disk_sql('q."user"')
 # A job row younger than this may not have its workflow yet (the API inserts, then starts).
 _GRACE = timedelta(minutes=2)
 
@@ -37,11 +40,12 @@ class UpkeepActivities:
                 # config, a path outside its root) must not keep every other one stale.
                 try:
                     storage = self._c.storage_for(row["storage_name"])
+                    started = await db_clock()
                     scan = await storage.scan(row["file_path"])
                 except Exception as exc:
                     activity.logger.warning("workspace %s not rescanned: %s", row["id"], exc)
                     continue
-                await store_scan(row["id"], scan)
+                await store_scan(row["id"], scan, started)
                 scanned += 1
         return scanned
 
@@ -49,8 +53,7 @@ class UpkeepActivities:
     async def recompute_usage(self, _: UpkeepInput) -> UsageResult:
         updated = await reads.fetch(
             "UPDATE uws_user_quota q SET "
-            "used_disk_space = COALESCE((SELECT SUM(w.disk_space) FROM uws_workspace w "
-            'WHERE w."user" = q."user"), 0), '
+            f"used_disk_space = {_CHARGED_DISK}, "
             "used_core_hours = COALESCE((SELECT SUM(j.core_hours) FROM uws_job j "
             'WHERE j."user" = q."user" AND j.datetime_end IS NOT NULL), 0), '
             "reserved_core_hours = COALESCE((SELECT SUM((j.job_details->'metrics'->>"

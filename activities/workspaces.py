@@ -45,9 +45,10 @@ class WorkspaceActivities:
         row = await queries.workspace_location(ref.workspace_id)
         if row is None or row["status"] == "deleting" or not row["file_path"]:
             return ScanResult(workspace_id=ref.workspace_id, found=False)
+        started = await queries.db_clock()  # writes finished before this are in the scan
         async with heartbeating():
             scan = await self._controllers.storage_for(row["storage_name"]).scan(row["file_path"])
-        found = await queries.store_scan(ref.workspace_id, scan)
+        found = await queries.store_scan(ref.workspace_id, scan, started)
         return ScanResult(
             workspace_id=ref.workspace_id, found=found, disk_space=scan.disk_space,
             files=len(scan.files), symlinks=len(scan.symlinks),

@@ -82,7 +82,17 @@ _CONTROLLER_STATUS: dict[type[cerr.ControllerError], int] = {
 
 
 def envelope(status_code: int, message: str) -> Response:
-    return Response({"success": False, "message": message}, status_code=status_code)
+    return Response({"success": False, "message": _encodable(message)}, status_code=status_code)
+
+
+def _encodable(message: str) -> str:
+    """``message`` with lone surrogates escaped: a message quoting client input (a file
+    name) must still serialise, or the 400 itself would become a 500."""
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:
+        return message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return message
 
 
 def _log_ids(request: Request) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""Starting a job: insert its row, mark the workspace active, start ``JobWorkflow``."""
+"""Starting a job: insert its row and mark the workspace active (one transaction, under
+the workspace's row lock), start ``JobWorkflow``."""
 
 from __future__ import annotations
 
@@ -11,10 +12,8 @@ from api.auth import AuthUser
 from api.errors import BadRequest, ServiceUnavailable
 from api.state import AppState
 from core.parameters import effective_options
-from db import quotas
+from db import quotas, workspaces
 from db.jobs import finalize
-from db.queries import now
-from db.tables import Job, Workspace
 from workflows.job import JobWorkflow
 from workflows.models import JobContinuation, JobInput, JobRunState, job_workflow_id
 
@@ -60,28 +59,23 @@ async def start_job(
     except quotas.QuotaExceeded as exc:
         raise BadRequest(str(exc)) from None
 
-    claimed = await Workspace.update({
-        Workspace.status: "active", Workspace.datetime_last_job_launch: now(),
-    }).where(
-        (Workspace.id == workspace["id"]) & Workspace.status.is_in(["idle", "active"])
-    ).returning(Workspace.id)
-    if not claimed:
+    # The workspace's row lock decides between this start and a concurrent delete.
+    claim = await workspaces.insert_job(
+        workspace["id"], user.id, job_type, resource, options,
+        {"metrics": {"reserved_core_hours": reserve}, "request_job_details": job_details,
+         "current_job_details": {}})
+    if claim.job is None:
         await quotas.release_core_hours(user.id, reserve)
-        raise BadRequest(f"Workspace {workspace['id']} is {workspace['status']} and cannot "
+        raise BadRequest(f"Workspace {workspace['id']} is {claim.status} and cannot "
                          "start jobs.")
-    job = (await Job.insert(Job(
-        user=user.id, workspace=workspace["id"], job_type=job_type, resource_name=resource,
-        resource_options=options,
-        job_details={"metrics": {"reserved_core_hours": reserve},
-                     "request_job_details": job_details,
-                     "current_job_details": {}},
-    )).returning(*Job.all_columns()))[0]
+    job = claim.job
 
     inp = JobInput(
         job_id=job["id"], user_id=user.id, workspace_id=workspace["id"], job_type=job_type,
         resource_name=resource, time_limit_min=time_limit, resource_options=options,
         job_details=job_details, reserved_core_hours=reserve,
         idle_timeout_min=state.controllers.job_types[job_type].idle_timeout_min(resource),
+        max_pending_min=state.controllers.job_types[job_type].max_pending_min(resource),
     )
     try:
         await state.temporal.start_workflow(

@@ -100,4 +100,24 @@ async def job_timeline(client: Client, job_id: int) -> list[dict[str, Any]] | No
     timeline: list[dict[str, Any]] = []
     for events in reversed(runs):
         timeline.extend(e for e in (reader.entry(ev) for ev in events) if e is not None)
+    timeline.extend(await _retrying_now(client, job_id))
     return timeline
+
+
+async def _retrying_now(client: Client, job_id: int) -> list[dict[str, Any]]:
+    """Steps being retried right now (a launch waiting on an unreachable resource): the
+    history records an attempt only once it ends, the pending activity says why it waits."""
+    try:
+        described = await client.get_workflow_handle(job_workflow_id(job_id)).describe()
+    except RPCError:
+        return []
+    found = []
+    for pending in described.raw_description.pending_activities:
+        if pending.attempt > 1 and pending.last_failure.message:
+            found.append({
+                "time": pending.last_attempt_complete_time.ToDatetime()
+                .replace(tzinfo=None).isoformat() + "Z",
+                "type": "retry", "step": pending.activity_type.name,
+                "attempt": pending.attempt, "error": pending.last_failure.message,
+            })
+    return found

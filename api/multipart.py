@@ -12,6 +12,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import BadRequest
 
+# A body cut short (a dropped connection, a client that stopped mid-part) is refused
+# before its last part replaces anything: that part ends only at its closing boundary.
+INCOMPLETE = "Malformed multipart body: it ends before its closing boundary."
+
 
 @dataclass
 class Part:
@@ -65,6 +69,7 @@ class MultipartReader:
             "on_headers_finished": on("hdone"),
             "on_part_data": on("data"),
             "on_part_end": on("end"),
+            "on_end": on("closed"),  # the final ``--boundary--``
         })
 
     async def _next(self) -> tuple[str, bytes] | None:
@@ -84,15 +89,23 @@ class MultipartReader:
         return self._events.popleft()
 
     async def parts(self) -> AsyncIterator[Part]:
+        begun = False
         while True:
             event = await self._next()
             if event is None:
+                if begun:  # parts were sent, the closing boundary never came
+                    raise BadRequest(INCOMPLETE)
+                return  # no part at all: the caller's "No files found in request."
+            if event[0] == "closed":
                 return
             if event[0] != "begin":
                 continue
+            begun = True
             part = Part()
             name, value = bytearray(), bytearray()
-            while (event := await self._next()) is not None and event[0] != "hdone":
+            while (event := await self._next()) is None or event[0] != "hdone":
+                if event is None:
+                    raise BadRequest(INCOMPLETE)
                 kind, data = event
                 if kind == "hfield":
                     name += data
@@ -104,7 +117,8 @@ class MultipartReader:
             yield part
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The current part's body, until its end."""
+        """The current part's body, until its closing boundary; a body that ends first
+        raises BadRequest from this iterator, so its consumer never finishes the part."""
         while (event := await self._next()) is not None:
             kind, data = event
             if kind == "data":
@@ -112,6 +126,7 @@ class MultipartReader:
                     yield data
             elif kind == "end":
                 return
+        raise BadRequest(INCOMPLETE)
 
     async def skip(self) -> None:
         async for _ in self.chunks():

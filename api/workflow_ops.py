@@ -6,12 +6,15 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+from workflows.job import JobWorkflow
 from workflows.models import (
     DeleteWorkspaceInput,
     ScanRequest,
     ScanWorkspaceInput,
     ShareInput,
+    StopRequest,
     delete_workflow_id,
+    job_workflow_id,
     scan_workflow_id,
     share_workflow_id,
 )
@@ -66,3 +69,15 @@ async def signal_share(client: Client, shared_workspace_id: int, signal: str) ->
             return False
         raise
     return True
+
+
+async def signal_stop(client: Client, job_id: int) -> None:
+    """Tell the job's workflow to stop; safe to repeat (the workflow keeps the first
+    request). A workflow that no longer exists needs no stop; any other failure (Temporal
+    unreachable) is raised, so the caller changes nothing and the client can retry."""
+    handle = client.get_workflow_handle(job_workflow_id(job_id))
+    try:
+        await handle.signal(JobWorkflow.request_stop, StopRequest(reason="Stopped by user."))
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise

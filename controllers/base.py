@@ -140,6 +140,16 @@ class CopyProgress(BaseModel):
     last_path: str = ""
 
 
+class StagedUpload:
+    """An upload received under a temporary name (``StorageMethod.stage_upload``);
+    ``handle`` is the storage's own."""
+
+    def __init__(self, filename: str, size: int, handle: Any) -> None:
+        self.filename = filename
+        self.size = size
+        self.handle = handle
+
+
 class StorageMethod(Plugin):
     """Owns workspace directories; every path a client names is confined to its workspace."""
 
@@ -167,7 +177,6 @@ class StorageMethod(Plugin):
     ) -> None:
         """Write files and create symlinks inside the workspace at ``path``."""
 
-    @abstractmethod
     async def save_upload(
         self,
         path: str,
@@ -177,6 +186,34 @@ class StorageMethod(Plugin):
     ) -> int:
         """Stream one uploaded file into the workspace root; return its size. A failed or
         interrupted upload leaves no partial file."""
+        staged = await self.stage_upload(path, account, filename, chunks)
+        try:
+            await self.commit_uploads([staged])
+        finally:
+            self.discard_uploads([staged])
+        return staged.size
+
+    @abstractmethod
+    async def stage_upload(
+        self,
+        path: str,
+        account: ExternalAccount,
+        filename: str,
+        chunks: AsyncIterator[bytes],
+    ) -> StagedUpload:
+        """Stream one uploaded file into the workspace under a temporary name, leaving the
+        file of its final name untouched; a failed or interrupted stream leaves nothing.
+        ``commit_uploads`` moves staged files into place, ``discard_uploads`` removes them,
+        so a request of several files can be refused as a whole."""
+
+    @abstractmethod
+    async def commit_uploads(self, staged: list[StagedUpload]) -> None:
+        """Move staged uploads onto their final names, in order."""
+
+    @abstractmethod
+    def discard_uploads(self, staged: list[StagedUpload]) -> None:
+        """Remove whatever of ``staged`` is not committed and release it. Synchronous and
+        quick on purpose: it also runs while a request is being cancelled."""
 
     @abstractmethod
     async def scan(self, path: str) -> WorkspaceScan:
@@ -278,6 +315,11 @@ class ComputeResource(Plugin):
     async def stop(self, handle: Mapping[str, Any], grace_seconds: float) -> None:
         """End the job; stopping one already ended is not an error."""
 
+    async def abandon(self, job_id: int, workdir: str, account: ExternalAccount) -> None:
+        """A launch of ``job_id`` was given up (a stop or the time limit came first) and its
+        outcome is unknown: end whatever it may have started. Idempotent; nothing started
+        is not an error."""
+
     def session_endpoint(self, job_id: int, account: ExternalAccount) -> SessionEndpoint:
         """Where job ``job_id``'s interactive session will listen (no I/O: the same answer
         before launch and while it runs). Resources that cannot host sessions refuse."""
@@ -328,6 +370,14 @@ class Connection(BaseModel):
     connection_details: dict[str, Any]
 
 
+class JobTypeSettings(PluginSettings):
+    """What every job type's per-resource settings may say."""
+
+    # A job still pending (not yet started, or queued on the resource) this long ends
+    # ``failed`` with the reason, its quota released (None: waits as long as it takes).
+    max_pending_minutes: float | None = Field(default=None, gt=0)
+
+
 class JobType(Plugin):
     """Writes the script a job runs and, for interactive jobs, finds out how to reach it.
 
@@ -350,6 +400,9 @@ class JobType(Plugin):
 
     def default_time_limit_min(self, resource_name: str) -> int | None:
         return getattr(self.settings_for(resource_name), "time_limit_min", None)
+
+    def max_pending_min(self, resource_name: str) -> float | None:
+        return getattr(self.settings_for(resource_name), "max_pending_minutes", None)
 
     def idle_timeout_min(self, resource_name: str) -> float | None:
         """Stop the job after this long without passthrough activity (``None``: never)."""

@@ -33,6 +33,11 @@ class PayloadTooLarge(ControllerError):
     """A body was larger than the configured limit (a 413)."""
 
 
+class NotConfigured(InvalidRequest):
+    """What a request names (a resource, a job type) is no longer in the configuration:
+    no retry brings it back."""
+
+
 class BackendError(ControllerError):
     """The backing system failed in a way the user cannot fix (a 500)."""
 

@@ -17,6 +17,7 @@ from controllers.auth.globus import GlobusUserAuthentication
 from controllers.auth.local import LocalUserAuthentication
 from controllers.auth.oidc import OIDCUserAuthentication
 from controllers.base import AuthMethod, ComputeResource, JobType, Plugin, StorageMethod
+from controllers.errors import NotConfigured
 from controllers.job_types.appyter import AppyterJob
 from controllers.job_types.batch_script import BatchScriptJob
 from controllers.job_types.jupyter_lab import JupyterLabJob
@@ -68,6 +69,19 @@ class Controllers:
     def main_resource(self) -> ComputeResource:
         return self.resources[self.config.main_resource]
 
+    def resource(self, name: str) -> ComputeResource:
+        """The resource a job names; one removed from the configuration is permanent."""
+        try:
+            return self.resources[name]
+        except KeyError:
+            raise NotConfigured(f"The resource {name} is no longer configured.") from None
+
+    def job_type(self, name: str) -> JobType:
+        try:
+            return self.job_types[name]
+        except KeyError:
+            raise NotConfigured(f"The job type {name} is no longer configured.") from None
+
     def storage_for(self, name: str) -> StorageMethod:
         """The storage a workspace row names (rows made before it had a name: the main)."""
         return self.storage.get(name) or self.main_storage
@@ -80,7 +94,10 @@ class Controllers:
 
     def resource_auth(self, resource_name: str) -> AuthMethod:
         """The auth method whose accounts run jobs on ``resource_name``."""
-        return self.auth[self.config.available_resources[resource_name].user_authentication]
+        resource = self.config.available_resources.get(resource_name)
+        if resource is None:
+            raise NotConfigured(f"The resource {resource_name} is no longer configured.")
+        return self.auth[resource.user_authentication]
 
     async def prepare(self) -> None:
         for plugin in self.all():

@@ -85,13 +85,12 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from core.server import uvicorn_config
 
     _database_url(settings)
     app = create_app(settings)  # validates config.toml before anything listens
-    # JSON: uvicorn's own loggers propagate to ours instead of getting its text handlers.
-    logs = {"log_config": None} if settings.log_format == "json" else {}
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                access_log=args.access_log, **logs)
+    uvicorn.Server(uvicorn_config(app, settings, log_level=args.log_level,
+                                  access_log=args.access_log or settings.access_log)).run()
     return 0
 
 
@@ -196,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("dev", help="run everything on its embedded default").set_defaults(fn=cmd_dev)
     api = sub.add_parser("api", help="serve the HTTP/WebSocket API")
     api.add_argument("--log-level", default="warning")
-    api.add_argument("--access-log", action="store_true")
+    api.add_argument("--access-log", action="store_true",
+                     help="one line per request: method, path, status, duration "
+                          "(also UWS_ACCESS_LOG=1)")
     api.set_defaults(fn=cmd_api)
     sub.add_parser("worker", help="run the Temporal worker").set_defaults(fn=cmd_worker)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(fn=cmd_migrate)

@@ -79,6 +79,10 @@ class ParameterConfig(_Strict):
 
 class SharingConfig(_Strict):
     expiry_days: float = Field(30.0, gt=0, description="An unaccepted share is removed after this.")
+    # Each pending copy holds disk (charged to the sharer) and a workflow: a sender may
+    # have at most this many not yet accepted at once.
+    max_pending_per_user: int = Field(20, ge=1, le=10_000, strict=True,
+                                      description="Shares one user may have pending at once.")
 
 
 class UpkeepConfig(_Strict):

@@ -13,6 +13,8 @@ TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 # Ids a log call may attach with ``extra={...}``; they become top-level JSON keys so log
 # searches can filter on them.
 CONTEXT_KEYS = ("job_id", "workspace_id", "user_id")
+# What an access log line (core.access_log) carries, as keys of its own.
+ACCESS_KEYS = ("method", "path", "status", "duration_ms")
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,7 +28,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in CONTEXT_KEYS:
+        for key in (*CONTEXT_KEYS, *ACCESS_KEYS):
             value = getattr(record, key, None)
             if value is not None:
                 entry[key] = value

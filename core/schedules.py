@@ -1,10 +1,13 @@
-"""Temporal Schedules for the upkeep workflows, created at worker start-up if missing.
+"""Temporal Schedules for the upkeep workflows, created at worker start-up if missing and
+updated when their settings (interval, task queue) changed.
 
-Operators see, trigger and pause them in the Temporal UI (Schedules tab)."""
+Operators see, trigger and pause them in the Temporal UI (Schedules tab); an update
+replaces only what the settings decide, so a pause, its note and a tuned policy stay."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 
 from temporalio.client import (
@@ -16,6 +19,8 @@ from temporalio.client import (
     ScheduleOverlapPolicy,
     SchedulePolicy,
     ScheduleSpec,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
 )
 
 from core.config import AppConfig
@@ -51,4 +56,29 @@ async def ensure_schedules(client: Client, task_queue: str, config: AppConfig,
             await client.create_schedule(schedule_id, schedule)
             log.info("created schedule %s", schedule_id)
         except ScheduleAlreadyRunningError:
-            pass  # kept as is: an operator may have paused or tuned it
+            await client.get_schedule_handle(schedule_id).update(_updater(schedule_id, schedule))
+
+
+def _settings_of(schedule: Schedule) -> tuple[object, ...]:
+    """What of a schedule our settings decide: its intervals and the workflow it starts."""
+    spec, action = schedule.spec, schedule.action
+    started = ((action.workflow, action.id, action.task_queue)
+               if isinstance(action, ScheduleActionStartWorkflow) else None)
+    return ([(i.every, i.offset or timedelta()) for i in spec.intervals],
+            list(spec.calendars), list(spec.cron_expressions), started)
+
+
+def _updater(schedule_id: str,
+             wanted: Schedule) -> Callable[[ScheduleUpdateInput], ScheduleUpdate | None]:
+    def update(inp: ScheduleUpdateInput) -> ScheduleUpdate | None:
+        current = inp.description.schedule
+        if _settings_of(current) == _settings_of(wanted):
+            return None  # nothing changed: no write
+        # Only spec and action are ours; state (an operator's pause and its note) and
+        # policy are carried over from what the server holds.
+        current.spec = wanted.spec
+        current.action = wanted.action
+        log.info("updated schedule %s", schedule_id)
+        return ScheduleUpdate(schedule=current)
+
+    return update

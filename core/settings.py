@@ -39,6 +39,42 @@ class Settings(BaseSettings):
     max_json_body_bytes: int = Field(
         64 * 1024**2, description="Largest JSON request body (workspace file contents included)."
     )
+    max_json_depth: int = Field(
+        32, description="Deepest nesting of arrays and objects in a JSON body (the contract's "
+                        "bodies need 4; a deeper one answers 400 `Invalid JSON: ...`)."
+    )
+    max_description_chars: int = Field(
+        64 * 1024, description="Longest workspace description, in characters (every listing "
+                               "carries it)."
+    )
+    max_job_details_bytes: int = Field(
+        1024**2, description="Largest `job_details` of a job start, as JSON bytes (the job row "
+                             "and every job listing carry it)."
+    )
+    # HTTP/1.1 limits enforced by core.http_guard, below the ASGI app.
+    max_header_bytes: int = Field(
+        64 * 1024, description="Largest request line plus headers of one request (431 past it)."
+    )
+    max_header_count: int = Field(
+        100, description="Most header fields in one request (431 past it)."
+    )
+    header_timeout_seconds: float = Field(
+        30.0, description="Longest time to receive a request's line and headers, counted from "
+                          "its first byte (from the connection's opening for the first "
+                          "request); then 408 and the connection is closed."
+    )
+    body_timeout_seconds: float = Field(
+        60.0, description="Longest pause while a request body is being received (not counting "
+                          "pauses the server asks for); then 408 and the connection is closed."
+    )
+    max_connections: int = Field(
+        1000, description="Open connections (WebSockets included) per API process; requests "
+                          "past it answer 503 (uvicorn's limit_concurrency)."
+    )
+    access_log: bool = Field(
+        False, description="One log line per request: method, path (never the query string), "
+                           "status, duration. `uws api --access-log` turns it on too."
+    )
     token_cache_seconds: float = Field(
         5.0, description="How long an API process trusts a token lookup before asking again."
     )
@@ -62,6 +98,10 @@ class Settings(BaseSettings):
     worker_job_metrics_port: int | None = Field(
         None, description="Port of the worker's Prometheus endpoint for job counts by status "
                           "and resource; unset: off."
+    )
+    worker_shutdown_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long the worker lets running activities "
+                                "finish (or heartbeat) before it cancels them."
     )
 
     @property

@@ -79,6 +79,23 @@ async def record_status(
     return True
 
 
+async def record_event(job_id: int, event: str) -> bool:
+    """Show ``event`` as an active job's last event (a retry, say), status unchanged."""
+    async with Job._meta.db.transaction() as tx:
+        conn = tx.connection
+        row = await conn.fetchrow(
+            "UPDATE uws_job SET job_details = jsonb_set(job_details, '{current_job_details}', "
+            "COALESCE(job_details->'current_job_details', '{}'::jsonb) || "
+            "jsonb_build_object('last_event', $2::text)) "
+            f"WHERE id = $1 AND status = ANY($3) RETURNING {_RETURNING}",
+            job_id, event, list(ACTIVE_JOB_STATUSES),
+        )
+        if row is None:
+            return False
+        await _publish(conn, dict(row))
+    return True
+
+
 async def finalize(job_id: int, status: str, core_hours: float, detail: str) -> dict | None:
     """End a job: status, end time, core-hours, the user's usage, the workspace back to
     ``idle`` when none of its jobs is active any more. Idempotent."""

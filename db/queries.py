@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from controllers.base import WorkspaceScan
+from db import quotas
 from db.tables import Workspace
 
 
@@ -50,17 +51,34 @@ def current_details(scan: WorkspaceScan) -> dict[str, Any]:
     }
 
 
-async def store_scan(workspace_id: int, scan: WorkspaceScan) -> bool:
-    """Write a scan's result; a workspace being deleted is left alone."""
-    updated = await Workspace.update(
-        {
-            Workspace.disk_space: scan.disk_space,
-            Workspace.current_workspace_details: current_details(scan),
-        }
-    ).where(
-        (Workspace.id == workspace_id) & (Workspace.status != "deleting")
-    ).returning(Workspace.id)
-    return bool(updated)
+async def db_clock() -> datetime:
+    """The database's clock: what scans are compared with (``db.quotas`` claims)."""
+    rows = await Workspace.raw("SELECT clock_timestamp() AS t")
+    return rows[0]["t"]
+
+
+async def store_scan(workspace_id: int, scan: WorkspaceScan,
+                     started: datetime | None = None) -> bool:
+    """Write a scan's result; ``False`` when the workspace is gone or being deleted.
+
+    With ``started`` (``db_clock()`` read before the walk), a result older than the one
+    stored is dropped (the upkeep's scan and the workspace's own may overlap), and the disk
+    claims of writes finished by then end in the same transaction: the scan counted them."""
+    async with Workspace._meta.db.transaction() as tx:
+        updated = await tx.connection.fetchval(
+            "UPDATE uws_workspace SET disk_space = $2, current_workspace_details = $3::jsonb, "
+            "disk_scanned = COALESCE($4::timestamptz, disk_scanned) WHERE id = $1 "
+            "AND status <> 'deleting' AND ($4::timestamptz IS NULL OR disk_scanned IS NULL "
+            "OR disk_scanned <= $4::timestamptz) RETURNING id",
+            workspace_id, scan.disk_space, json.dumps(current_details(scan)), started)
+        if updated is None:
+            # Dropped as older, or the workspace is gone (``False`` only for the latter).
+            return bool(await tx.connection.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM uws_workspace WHERE id = $1 "
+                "AND status <> 'deleting')", workspace_id))
+        if started is not None:
+            await quotas.settle_after_scan(tx.connection, workspace_id, started)
+    return True
 
 
 async def set_workspace_status_if(workspace_id: int, status: str, reason: str,

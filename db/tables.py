@@ -100,6 +100,9 @@ class Workspace(Table, tablename="uws_workspace"):
     status = Varchar(length=32, default=WorkspaceStatus.initializing.value, index=True)
     status_reason = Text(default="")
     default_job_type = Varchar(length=100, null=True, default=None)
+    # When the scan whose result ``disk_space`` holds started: an older scan finishing
+    # later never overwrites a newer one (the quota's claims depend on it).
+    disk_scanned = Timestamptz(null=True, default=None)
 
 
 class Job(Table, tablename="uws_job"):
@@ -129,6 +132,22 @@ class UserQuota(Table, tablename="uws_user_quota"):
     used_disk_space = BigInt(default=0)
     used_core_hours = DoublePrecision(default=0.0)
     reserved_core_hours = DoublePrecision(default=0.0)
+
+
+class DiskReservation(Table, tablename="uws_disk_reservation"):
+    """Bytes a write has claimed against its user's disk quota before a scan counts them.
+
+    Taken under the user's row lock (``db.quotas``), so concurrent writes of one user, in
+    any API process, cannot jointly overrun the quota. ``finished`` is null while the write
+    streams (``refreshed`` is its last growth: a reservation of a crashed request goes
+    stale); a scan that started after ``finished`` counts the bytes itself and removes it."""
+
+    id = BigSerial(primary_key=True)
+    user = ForeignKey(references=User, on_delete=OnDelete.cascade, index=True)
+    workspace = ForeignKey(references=Workspace, on_delete=OnDelete.cascade, index=True)
+    bytes = BigInt(default=0)
+    refreshed = Timestamptz(default=TimestamptzNow())
+    finished = Timestamptz(null=True, default=None)
 
 
 class SharedWorkspaceMapping(Table, tablename="uws_shared_workspace_mapping"):
@@ -166,6 +185,7 @@ ALL_TABLES: list[type[Table]] = [
     Workspace,
     Job,
     UserQuota,
+    DiskReservation,
     SharedWorkspaceMapping,
     SpentTicket,
     PersonalOwner,

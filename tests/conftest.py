@@ -110,6 +110,7 @@ def job_accounts() -> Iterator[None]:
     before = _test_accounts()
     yield
     _remove_accounts(_test_accounts() - before)
+    shutil.rmtree(DATASETS, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -231,7 +232,7 @@ async def controllers(settings: Settings, mailbox: Mailbox, data_dir: Path):
 async def worker(temporal_env: WorkflowEnvironment, controllers, settings: Settings, engine):
     from worker import build_worker
 
-    w = build_worker(temporal_env.client, controllers, settings.task_queue)
+    w = build_worker(temporal_env.client, controllers, settings.task_queue, shutdown_seconds=0)
     async with w:
         yield w
 
@@ -244,13 +245,15 @@ async def app(settings: Settings, controllers, temporal_env: WorkflowEnvironment
 
 
 @pytest.fixture(scope="session")
-async def server_url(app) -> AsyncIterator[str]:
+async def server_url(app, settings: Settings) -> AsyncIterator[str]:
     """The app served by a real uvicorn on loopback, in the tests' own event loop."""
     import uvicorn
 
+    from core.server import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=port,
+                                           lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

@@ -16,13 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.workflow import ActivityCancellationType, ActivityHandle
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
+        AbandonInput,
         ConnectionInput,
         ConnectionResult,
         ExtendRequest,
@@ -55,8 +58,18 @@ _WATCH_CHUNK_SECONDS = 300.0
 _MAX_UNKNOWN_BACKOFF = 60.0
 # A watch heartbeats every few seconds; a worker that died mid-watch is noticed after this.
 _WATCH_HEARTBEAT = timedelta(seconds=15)
-_LOOPS_BEFORE_CONTINUE = 200
 _PATCH_EXTEND_RESTARTS_WATCH = "extend-restarts-watch"
+# Prepare and launch race a stop request, the time limit and the pending limit, and a
+# failure that no retry can cure ends the job; before, they were awaited to the end.
+_PATCH_LAUNCH_RACES = "launch-races-stop-and-deadline"
+
+
+def _permanent_reason(err: ActivityError) -> str | None:
+    """The user's message of a failure the activity marked as never curable."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError) and cause.non_retryable:
+        return cause.message
+    return None
 
 
 def _idle_check_every(timeout_min: float) -> float:
@@ -114,20 +127,28 @@ class JobWorkflow:
         inp, st = self._inp, self.state
         if st.deadline_epoch == 0.0:
             st.deadline_epoch = workflow.now().timestamp() + inp.time_limit_min * 60
+        if st.pending_since == 0.0:
+            st.pending_since = workflow.now().timestamp()
         if st.phase == "launched":
             self.status = "running" if st.hostname else "pending"
 
         if st.phase == "new":
-            await self._launch()
+            if workflow.patched(_PATCH_LAUNCH_RACES):
+                await self._launch_racing()
+            else:
+                await self._launch()
         if st.phase == "launched":
             status, core_hours, detail = await self._watch()
-        else:  # stopped before it reached the resource
-            status, core_hours, detail = "complete", 0.0, st.stop_reason
+        elif st.fail_reason:  # it never reached the resource, and never will
+            status, core_hours, detail = "failed", 0.0, st.fail_reason
+        else:  # stopped (or out of time) before it reached the resource
+            status, core_hours, detail = "complete", 0.0, st.stop_reason or "Time limit reached."
         await self._finalize(status, core_hours, detail)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return status
 
     async def _launch(self) -> None:
+        """Histories from before ``_PATCH_LAUNCH_RACES``: prepare and launch awaited."""
         inp, st = self._inp, self.state
         if st.stop_requested:
             return
@@ -150,6 +171,81 @@ class JobWorkflow:
             # A worker killed mid-launch: retried after this, not after the whole timeout.
             heartbeat_timeout=_WATCH_HEARTBEAT,
         )
+        await self._launched(handle, prep)
+
+    async def _launch_racing(self) -> None:
+        """Prepare and launch, each racing a stop request, the time limit and the pending
+        limit. A failure no retry can cure ends the job with its reason; a launch given up
+        with its outcome unknown is abandoned (whatever it started is ended)."""
+        inp, st = self._inp, self.state
+        if st.stop_requested:
+            return
+        prep, interrupted = await self._unless_interrupted(workflow.start_activity(
+            "prepare_job", inp, result_type=PrepareResult,
+            start_to_close_timeout=timedelta(minutes=5), retry_policy=_RETRY_FOREVER,
+            heartbeat_timeout=_WATCH_HEARTBEAT,
+        ))
+        if prep is None or interrupted:
+            return
+        handle, interrupted = await self._unless_interrupted(workflow.start_activity(
+            "launch_job",
+            LaunchInput(
+                job_id=inp.job_id, resource_name=inp.resource_name, workdir=prep.workdir,
+                script=prep.script, resource_options=inp.resource_options, env=prep.env,
+                time_limit_min=inp.time_limit_min, user_id=inp.user_id,
+            ),
+            result_type=dict,
+            start_to_close_timeout=timedelta(minutes=5), retry_policy=_RETRY_FOREVER,
+            heartbeat_timeout=_WATCH_HEARTBEAT,
+            # A cancelled launch is abandoned only once its attempt has really ended.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        ))
+        if handle is None:
+            await workflow.execute_activity(
+                "abandon_launch",
+                AbandonInput(job_id=inp.job_id, resource_name=inp.resource_name,
+                             workdir=prep.workdir, user_id=inp.user_id),
+                start_to_close_timeout=timedelta(minutes=2), retry_policy=_RETRY_FOREVER,
+                heartbeat_timeout=_WATCH_HEARTBEAT,
+            )
+            return
+        # Launched, even if a stop or a limit came meanwhile: the watch ends it properly.
+        await self._launched(handle, prep)
+
+    async def _unless_interrupted(self, handle: ActivityHandle) -> tuple[Any, bool]:
+        """(the activity's result or None, whether a stop or a limit came first). A failure
+        no retry cures leaves its reason in ``fail_reason``; an interruption cancels the
+        activity and still takes its result if it finished anyway."""
+        st = self.state
+
+        def done_or_stopped() -> bool:
+            return handle.done() or st.stop_requested
+
+        # Again after each timeout: an extension may have moved the deadline meanwhile.
+        while not done_or_stopped():
+            limit = min(self._remaining(), self._pending_remaining())
+            if limit <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(done_or_stopped, timeout=limit)
+        interrupted = not handle.done()
+        if interrupted:
+            if (not st.stop_requested and self._remaining() > 0
+                    and self._pending_remaining() <= 0):
+                st.fail_reason = self._still_pending()
+            handle.cancel()
+        try:
+            return await handle, interrupted
+        except ActivityError as err:
+            reason = _permanent_reason(err)
+            if reason is not None and not st.fail_reason:
+                st.fail_reason = reason
+            return None, interrupted
+        except asyncio.CancelledError:
+            return None, interrupted
+
+    async def _launched(self, handle: dict, prep: PrepareResult) -> None:
+        inp, st = self._inp, self.state
         st.handle = handle
         st.phase = "launched"
         st.hostname = ""
@@ -164,10 +260,14 @@ class JobWorkflow:
         inp, st = self._inp, self.state
         assert st.handle is not None
         connection_backoff = 1.0
-        for _ in range(_LOOPS_BEFORE_CONTINUE):
-            if st.stop_requested or self._remaining() <= 0:
+        for _ in range(inp.loops_before_continue):
+            if self.status == "pending" and self._pending_remaining() <= 0 and not st.fail_reason:
+                st.fail_reason = self._still_pending()
+            if st.stop_requested or self._remaining() <= 0 or st.fail_reason:
                 return await self._stop()
             chunk = min(self._remaining(), _WATCH_CHUNK_SECONDS)
+            if self.status == "pending" and inp.max_pending_min:
+                chunk = min(chunk, max(self._pending_remaining(), 0.001))
             if inp.idle_timeout_min and self.status == "running":
                 chunk = min(chunk, _idle_check_every(inp.idle_timeout_min))
             if (self.status == "running" and not st.connection_known
@@ -235,11 +335,35 @@ class JobWorkflow:
             except (ActivityError, asyncio.CancelledError):
                 pass
             return None
-        return handle.result()
+        try:
+            return handle.result()
+        except ActivityError as err:  # the resource can never tell (it is gone, say)
+            reason = _permanent_reason(err)
+            if reason is None:
+                raise
+            st.fail_reason = reason
+            return WatchResult(status="failed", detail=reason)
 
     async def _learn_connection(self) -> None:
         inp, st = self._inp, self.state
-        found: ConnectionResult = await workflow.execute_activity(
+        try:
+            found: ConnectionResult = await self._connection_activity()
+        except ActivityError as err:
+            reason = _permanent_reason(err)
+            if reason is None:
+                raise
+            st.fail_reason = reason  # the watch loop stops the job with it
+            return
+        if found.ready:
+            st.connection_known = True
+            await self._record(JobStatusUpdate(
+                job_id=inp.job_id, status="running",
+                current_job_details=found.current_job_details, event="session ready",
+            ))
+
+    async def _connection_activity(self) -> ConnectionResult:
+        inp, st = self._inp, self.state
+        return await workflow.execute_activity(
             "job_connection",
             ConnectionInput(job_id=inp.job_id, job_type=inp.job_type,
                             resource_name=inp.resource_name,
@@ -249,12 +373,6 @@ class JobWorkflow:
             result_type=ConnectionResult,
             start_to_close_timeout=_QUICK, retry_policy=_RETRY_FOREVER,
         )
-        if found.ready:
-            st.connection_known = True
-            await self._record(JobStatusUpdate(
-                job_id=inp.job_id, status="running",
-                current_job_details=found.current_job_details, event="session ready",
-            ))
 
     async def _stop_if_idle(self, timeout_min: float) -> None:
         idle: float = await workflow.execute_activity(
@@ -267,13 +385,22 @@ class JobWorkflow:
     async def _stop(self) -> tuple[str, float, str]:
         inp, st = self._inp, self.state
         assert st.handle is not None
-        reason = st.stop_reason if st.stop_requested else "Time limit reached."
+        if st.fail_reason:
+            reason = st.fail_reason
+        else:
+            reason = st.stop_reason if st.stop_requested else "Time limit reached."
         await self._record(JobStatusUpdate(job_id=inp.job_id, status="stopping", event=reason))
-        await workflow.execute_activity(
-            "stop_job", StopJobInput(resource_name=inp.resource_name, handle=st.handle),
-            start_to_close_timeout=timedelta(minutes=2),
-            retry_policy=_RETRY_FOREVER, heartbeat_timeout=_WATCH_HEARTBEAT,
-        )
+        try:
+            await workflow.execute_activity(
+                "stop_job", StopJobInput(resource_name=inp.resource_name, handle=st.handle),
+                start_to_close_timeout=timedelta(minutes=2),
+                retry_policy=_RETRY_FOREVER, heartbeat_timeout=_WATCH_HEARTBEAT,
+            )
+        except ActivityError as err:
+            cause = _permanent_reason(err)
+            if cause is None:
+                raise
+            return "failed", 0.0, f"{reason} The job could not be stopped: {cause}"
         final: WatchResult = await workflow.execute_activity(
             "watch_job",
             WatchInput(resource_name=inp.resource_name, handle=st.handle, timeout_seconds=0.0,
@@ -281,7 +408,7 @@ class JobWorkflow:
             result_type=WatchResult,
             start_to_close_timeout=_QUICK, retry_policy=_RETRY_FOREVER,
         )
-        return "complete", final.core_hours or 0.0, reason
+        return ("failed" if st.fail_reason else "complete"), final.core_hours or 0.0, reason
 
     async def _finalize(self, status: str, core_hours: float, detail: str) -> None:
         inp = self._inp
@@ -294,11 +421,17 @@ class JobWorkflow:
             start_to_close_timeout=_QUICK, retry_policy=_RETRY_FOREVER,
         )
         self._set_status(status)
-        await workflow.execute_activity(
-            "scan_workspace", WorkspaceRef(workspace_id=inp.workspace_id),
-            start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(minutes=1),
-            retry_policy=RetryPolicy(maximum_attempts=3),
-        )
+        # Work after the job's end never changes its outcome: a rescan that fails is left
+        # to the usage upkeep schedule (its failure stays in this history).
+        try:
+            await workflow.execute_activity(
+                "scan_workspace", WorkspaceRef(workspace_id=inp.workspace_id),
+                start_to_close_timeout=timedelta(minutes=30),
+                heartbeat_timeout=timedelta(minutes=1),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+            )
+        except ActivityError as err:
+            workflow.logger.warning("rescan after job %s failed: %s", inp.job_id, err.cause)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -314,6 +447,15 @@ class JobWorkflow:
 
     def _remaining(self) -> float:
         return self.state.deadline_epoch - workflow.now().timestamp()
+
+    def _pending_remaining(self) -> float:
+        limit = self._inp.max_pending_min
+        if not limit:
+            return float("inf")
+        return self.state.pending_since + limit * 60 - workflow.now().timestamp()
+
+    def _still_pending(self) -> str:
+        return f"Still pending after {self._inp.max_pending_min:g} minutes."
 
     def _time_limit_min(self) -> float:
         return self._inp.time_limit_min + self.state.extended_minutes

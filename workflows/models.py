@@ -51,6 +51,9 @@ class WorkspaceErrorInput:
 @dataclass
 class ScanWorkspaceInput:
     workspace_id: int
+    # Scans per run before continuing as new (short histories); an input so tests can
+    # cross the bound, defaulting to the old constant so earlier histories replay.
+    max_scans: int = 100
 
 
 @dataclass
@@ -94,6 +97,10 @@ class JobInput:
     job_details: dict = field(default_factory=dict)
     reserved_core_hours: float = 0.0
     idle_timeout_min: float | None = None
+    # Still pending this long (launching, or queued on the resource): the job fails.
+    max_pending_min: float | None = None
+    # Watch loops per run before continuing as new (lowered by tests).
+    loops_before_continue: int = 200
 
 
 @dataclass
@@ -109,6 +116,9 @@ class JobRunState:
     connection_known: bool = False
     unknown_streak: int = 0
     extended_minutes: int = 0
+    # Why the job failed without reaching (or leaving) the resource's queue, if it did.
+    fail_reason: str = ""
+    pending_since: float = 0.0  # workflow time of the first run
 
 
 @dataclass
@@ -123,6 +133,16 @@ class PrepareResult:
     script: str
     interactive: bool
     env: dict = field(default_factory=dict)
+
+
+@dataclass
+class AbandonInput:
+    """A launch given up with its outcome unknown: end whatever it may have started."""
+
+    job_id: int
+    resource_name: str
+    workdir: str
+    user_id: int
 
 
 @dataclass

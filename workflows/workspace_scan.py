@@ -21,8 +21,11 @@ with workflow.unsafe.imports_passed_through():
         WorkspaceRef,
     )
 
-# Bounded so a workspace changed forever still closes and starts afresh (short history).
-_MAX_SCANS_PER_RUN = 100
+# Bounded: a workspace that can never be scanned (its directory gone for good, its path
+# no longer inside the storage root) ends the workflow, failed with the reason, instead of
+# retrying forever. Ten attempts ride out a few minutes of outage (1 s doubling to 1 min);
+# a scan given up on is redone by the next change or the usage upkeep's rescan of all.
+_SCAN_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=1), maximum_attempts=10)
 
 
 @workflow.defn
@@ -38,14 +41,16 @@ class ScanWorkspaceWorkflow:
     async def run(self, inp: ScanWorkspaceInput) -> ScanWorkflowResult:
         results: list[ScanResult] = []
         self._pending = max(self._pending, 1)
-        while self._pending and len(results) < _MAX_SCANS_PER_RUN:
+        # Bounded (``inp.max_scans``) so a workspace changed forever still closes and starts
+        # afresh with a short history; the signals still pending carry over.
+        while self._pending and len(results) < inp.max_scans:
             self._pending = 0
             result: ScanResult = await workflow.execute_activity(
                 "scan_workspace", WorkspaceRef(workspace_id=inp.workspace_id),
                 result_type=ScanResult,
                 start_to_close_timeout=timedelta(minutes=30),
                 heartbeat_timeout=timedelta(minutes=1),
-                retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=1)),
+                retry_policy=_SCAN_RETRY,
             )
             results.append(result)
             if not result.found:

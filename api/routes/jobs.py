@@ -17,12 +17,13 @@ from api.responses import JSON_OBJECT, json_response
 from api.serializers import job_json
 from api.session_links import with_ticket
 from api.state import app_state
+from api.workflow_ops import signal_stop
 from db import jobs as job_rows
 from db import quotas
 from db.queries import as_json
 from db.tables import Job
 from workflows.job import JobWorkflow
-from workflows.models import ExtendRequest, StopRequest, job_workflow_id
+from workflows.models import ExtendRequest, job_workflow_id
 
 _FILTERS = ("workspace_id", "resource_job_id", "job_type", "status")
 _DEFAULT_MAX_MINUTES = 480
@@ -123,29 +124,23 @@ async def _act(request: Request[Any, Any, Any], job_id: str, put_type: str) -> d
 
 async def _stop(request: Request[Any, Any, Any], row: dict[str, Any]) -> dict[str, Any]:
     state = app_state(request)
-    if row["status"] not in ("pending", "running"):
+    if row["status"] not in ("pending", "running", "stopping"):
         raise BadRequest("This job is not running or pending.")
-    handle = state.temporal.get_workflow_handle(job_workflow_id(row["id"]))
-    if row["resource_job_id"] == -1:
-        # Never reached the resource: it ends here; the workflow is told so that a launch
-        # in flight is stopped rather than left running.
-        await job_rows.finalize(row["id"], "complete", 0.0, "Stopped before it started.")
-        await _signal_stop(handle)
-        return {"success": True, "message": "Successful stop."}
+    # The signal goes first: were ``stopping`` written first and the signal then lost
+    # (Temporal unreachable), a retry would be refused and the job would run to its time
+    # limit. An unreachable Temporal raises here (the app's 503) with the row unchanged.
+    await signal_stop(state.temporal, row["id"])
+    if row["status"] == "stopping":
+        # A retry, or a stop after the workflow began stopping on its own: the signal was
+        # sent again (the workflow keeps the first reason); the contract's answer for a
+        # job already stopping is the 400.
+        raise BadRequest("This job is not running or pending.")
+    # A job whose launch has not happened yet is stopped by its workflow too (the launch
+    # races the stop and whatever it began is abandoned): "queued", as the reference says
+    # for every pending job.
     if not await job_rows.record_status(row["id"], "stopping", event="stop requested"):
         raise BadRequest("This job is not running or pending.")
-    await _signal_stop(handle)
     return {"success": True, "message": "Job queued to stop."}
-
-
-async def _signal_stop(handle: Any) -> None:
-    from temporalio.service import RPCError, RPCStatusCode
-
-    try:
-        await handle.signal(JobWorkflow.request_stop, StopRequest(reason="Stopped by user."))
-    except RPCError as err:
-        if err.status != RPCStatusCode.NOT_FOUND:
-            raise
 
 
 async def _extend(request: Request[Any, Any, Any], row: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from functools import partial
 from typing import Any
 
 from litestar import Controller, Request, delete, get, post, put
@@ -15,8 +17,7 @@ from api.ids import parse_id
 from api.serializers import iso, raw_json
 from api.state import AppState, app_state
 from db import accounts, shares
-from db.queries import as_json
-from db.tables import SharedWorkspaceMapping, User, Workspace
+from db.tables import Workspace
 
 _TRUE = {"true", "1", "yes", "True"}
 _FALSE = {"false", "0", "no", "False"}
@@ -106,10 +107,10 @@ class SharedWorkspaceRoutes(Controller):
         if original["status"] in ("deleting", "initializing", "error"):
             raise BadRequest(f"Workspace {original['id']} is {original['status']} and cannot "
                              "be shared.")
-        last_job = await shares.newest_job(original["id"])
-        created = []
-        for recipient in recipients:
-            created.append(await _share_with(state, original, recipient, last_job))
+        if not recipients:
+            return {"success": True, "message": "Successful.",
+                    "data": {"shared_workspaces": []}}
+        created = await _share_with(state, user, original, recipients)
         rows = [await shares.one(shared_id) for shared_id in created]
         return {"success": True, "message": "Successful.",
                 "data": {"shared_workspaces": [mapping_json(r) for r in rows if r]}}
@@ -121,14 +122,15 @@ class SharedWorkspaceRoutes(Controller):
     ) -> dict[str, Any]:
         """``accept``: the recipient takes the copy; it then lists among their workspaces."""
         state, user = app_state(request), current_user(request)
-        if put_type != "accept":
-            raise BadRequest("Invalid PUT type passed.")
         sid = parse_id(shared_workspace_id)
         row = await shares.one(sid) if sid is not None else None
         if row is None or row["s_user_id"] != user.id:
+            raise _not_found(shared_workspace_id)  # the contract: before the verb
+        if put_type != "accept":
+            raise BadRequest("Invalid PUT type passed.")
+        # Under the mapping's lock: a withdrawal at the same moment wins or loses whole.
+        if not await shares.accept(row["s_id"], user.id):
             raise _not_found(shared_workspace_id)
-        await SharedWorkspaceMapping.update({SharedWorkspaceMapping.is_accepted: True}).where(
-            SharedWorkspaceMapping.shared_workspace == row["s_id"])
         await workflow_ops.signal_share(state.temporal, row["s_id"], "accept")
         return {"success": True, "message": "Successful."}
 
@@ -146,12 +148,12 @@ class SharedWorkspaceRoutes(Controller):
         if user.id not in (row["s_user_id"], row["o_user_id"]):
             raise PermissionDenied(
                 f"User does not have permissions for shared workspace {shared_workspace_id}.")
-        if row["is_accepted"]:
+        outcome = await shares.withdraw(row["s_id"])
+        if outcome is shares.Withdrawal.missing:
+            raise _not_found(shared_workspace_id)
+        if outcome is shares.Withdrawal.accepted:
             raise BadRequest(f"Shared workspace {shared_workspace_id} has been accepted and "
                              "cannot be deleted.")
-        await Workspace.update({Workspace.status: "deleting",
-                                Workspace.status_reason: "Share withdrawn."}).where(
-            Workspace.id == row["s_id"])
         if not await workflow_ops.signal_share(state.temporal, row["s_id"], "cancel_share"):
             # The share's workflow has ended (its copy failed): delete the copy directly.
             await workflow_ops.start_deletion(state.temporal, state.settings.task_queue,
@@ -175,40 +177,52 @@ async def _own_workspace(user: AuthUser, raw_id: Any) -> dict[str, Any] | None:
 
 
 async def _recipients(user_ids: list[Any], sharer: AuthUser) -> list[dict[str, Any]]:
+    """The recipients named, in order, once each; only people may receive a share."""
     ids: list[int] = []
     for value in user_ids:
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**63 \
-                or value == sharer.id:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**63:
             raise BadRequest("Invalid user id provided.")
         ids.append(value)
+    ids = list(dict.fromkeys(ids))
     if not ids:
-        raise BadRequest("Invalid user id provided.")
-    rows = await User.select(User.id, User.username, User.email, User.first_name,
-                             User.last_name).where(User.id.is_in(ids) & User.is_active.eq(True))
+        return []
+    rows = await shares.recipients(ids)
     by_id = {r["id"]: r for r in rows}
     if set(ids) - set(by_id):
         raise BadRequest("Invalid user id provided.")
-    return [by_id[i] for i in dict.fromkeys(ids)]
+    for i in ids:
+        if i == sharer.id:
+            raise BadRequest("A workspace cannot be shared with yourself.")
+        if not by_id[i]["is_active"]:
+            raise BadRequest(f"User {i} is inactive and cannot receive shared workspaces.")
+        if by_id[i]["is_api_client"]:
+            raise BadRequest(f"User {i} is an API client account and cannot receive shared "
+                             "workspaces.")
+    return [by_id[i] for i in ids]
 
 
-async def _share_with(state: AppState, original: dict[str, Any], recipient: dict[str, Any],
-                      last_job: Any) -> int:
-    """Insert the copy's row (its path fixed now, once) and the mapping; start the copy."""
+async def _share_with(state: AppState, user: AuthUser, original: dict[str, Any],
+                      recipients: list[dict[str, Any]]) -> list[int]:
+    """Insert the copies' rows (their paths fixed now, once) and mappings; start the
+    copies. The sender's pending cap and disk quota are decided with the inserts."""
     storage = state.controllers.storage_for(original["storage_name"])
-    account = await accounts.account_of(recipient["id"], state.controllers.storage_auth)
-    copy_id = (await Workspace.insert(Workspace(
-        user=recipient["id"], name=original["name"], description=original["description"],
-        storage_name=storage.name, default_job_type=original["default_job_type"],
-        request_workspace_details=as_json(original["request_workspace_details"]),
-        current_workspace_details={"files": [], "symlinks": []}, status="initializing",
-    )).returning(Workspace.id))[0]["id"]
-    await Workspace.update({Workspace.file_path: storage.workspace_path(account, copy_id)}) \
-        .where(Workspace.id == copy_id)
-    await SharedWorkspaceMapping.insert(SharedWorkspaceMapping(
-        original_workspace=original["id"], shared_workspace=copy_id,
-        last_resource_options=as_json(last_job["resource_options"]) if last_job else {},
-        last_job_type=last_job["job_type"] if last_job else None,
-    ))
-    await workflow_ops.start_share(state.temporal, state.settings.task_queue, copy_id,
-                                   original["id"], state.controllers.config.sharing.expiry_days)
-    return copy_id
+    copies = []
+    for recipient in recipients:
+        account = await accounts.account_of(recipient["id"], state.controllers.storage_auth)
+        copies.append(shares.NewCopy(recipient["id"], partial(storage.workspace_path, account)))
+    sharing = state.controllers.config.sharing
+    try:
+        created = await shares.create(user.id, original["id"], copies,
+                                      sharing.max_pending_per_user,
+                                      await shares.newest_job(original["id"]))
+    except shares.ShareRefused as exc:
+        raise BadRequest(str(exc)) from None
+    for n, copy_id in enumerate(created):
+        try:
+            await workflow_ops.start_share(state.temporal, state.settings.task_queue, copy_id,
+                                           original["id"], sharing.expiry_days)
+        except BaseException:
+            # Nothing was copied for these yet: no copy without its workflow is left.
+            await asyncio.shield(shares.discard(created[n:]))
+            raise
+    return created

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.params import FromPath
-from piccolo.columns.combination import WhereRaw
 
 from api import workflow_ops
 from api.auth import AuthUser, current_user
 from api.body import json_body, query_filters
 from api.errors import BadRequest, NotFound, ServerError, Unprocessable
+from api.field_limits import check_job_details, check_workspace_fields
 from api.ids import parse_id
 from api.job_start import start_job
 from api.multipart import MultipartReader, boundary_of
@@ -21,12 +22,12 @@ from api.responses import JSON_OBJECT, json_response
 from api.serializers import job_json, workspace_json
 from api.state import AppState, app_state
 from api.workspace_details import parse_workspace_details, request_details
-from controllers.base import ExternalAccount
+from controllers.base import ExternalAccount, FileSpec, StagedUpload
 from controllers.errors import PayloadTooLarge
 from core.parameters import validate_resource_options
-from db import accounts, reads
+from db import accounts, quotas, reads, workspaces
 from db.queries import as_json, now
-from db.tables import ACTIVE_JOB_STATUSES, SharedWorkspaceMapping, Workspace
+from db.tables import SharedWorkspaceMapping, Workspace
 
 _FILTERS = ("name", "description", "status")
 
@@ -115,8 +116,7 @@ class WorkspaceRoutes(Controller):
         name, description = body["name"], body["description"]
         if not isinstance(name, str) or not isinstance(description, str):
             raise BadRequest("'name' and 'description' must be strings.")
-        if len(name) > 256:
-            raise BadRequest("'name' must be at most 256 characters.")
+        check_workspace_fields(body, state.settings)
         default_job_type = body.get("default_job_type") or None
         if default_job_type is not None:
             _check_job_type(state, default_job_type)
@@ -134,6 +134,8 @@ class WorkspaceRoutes(Controller):
         workspace_id = row["id"]
         path = storage.workspace_path(account, workspace_id)
         try:
+            # Quota first: a refused create has written nothing (its row goes below).
+            claim = await _claim_for_files(user.id, workspace_id, files)
             await Workspace.update({Workspace.file_path: path}).where(
                 Workspace.id == workspace_id
             )
@@ -141,8 +143,9 @@ class WorkspaceRoutes(Controller):
             await storage.write_files(path, account, files, symlinks)
         except BaseException:
             await storage.delete_workspace(path)
-            await Workspace.delete().where(Workspace.id == workspace_id)
+            await Workspace.delete().where(Workspace.id == workspace_id)  # and its claim
             raise
+        await quotas.finish_claim(claim)
         await Workspace.update({Workspace.status: "idle"}).where(Workspace.id == workspace_id)
         await workflow_ops.request_scan(state.temporal, state.settings.task_queue,
                                         workspace_id, "created")
@@ -168,6 +171,7 @@ class WorkspaceRoutes(Controller):
                 if not isinstance(body[key], str):
                     raise BadRequest(f"'{key}' must be a string.")
                 changes[getattr(Workspace, key)] = body[key]
+        check_workspace_fields(body, state.settings)
         if "default_job_type" in body:
             value = body["default_job_type"] or None
             if value is not None:
@@ -180,7 +184,14 @@ class WorkspaceRoutes(Controller):
             storage = state.controllers.storage_for(row["storage_name"])
             await storage.validate_files(files, symlinks)
             account = await _account_for(state, user)
-            await storage.write_files(row["file_path"], account, files, symlinks)
+            # Counted in full even where a file is replaced: the next scan settles it.
+            claim = await _claim_for_files(user.id, row["id"], files)
+            try:
+                await storage.write_files(row["file_path"], account, files, symlinks)
+            except BaseException:
+                await asyncio.shield(quotas.drop_claim(claim))
+                raise
+            await quotas.finish_claim(claim)
             changes[Workspace.request_workspace_details] = request_details(
                 files, symlinks, as_json(row["request_workspace_details"])
             )
@@ -211,15 +222,40 @@ class WorkspaceRoutes(Controller):
         storage = state.controllers.storage_for(row["storage_name"])
         account = await _account_for(state, user)
         reader = MultipartReader(_limited(request.stream(), limit), boundary)
-        saved = 0
-        async for part in reader.parts():
-            if part.filename is None:
-                await reader.skip()
-                continue
-            await storage.save_upload(row["file_path"], account, part.filename, reader.chunks())
-            saved += 1
-        if not saved:
-            raise BadRequest("No files found in request.")
+        # The bytes are counted against the disk quota as they arrive, before each chunk is
+        # written; every file waits under a temporary name until the whole request fits.
+        claim = quotas.DiskClaim(user.id, row["id"])
+        received = 0
+
+        async def counted(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            nonlocal received
+            async for chunk in chunks:
+                received += len(chunk)
+                try:
+                    await quotas.cover(claim, received)
+                except quotas.QuotaExceeded as exc:
+                    raise BadRequest(str(exc)) from None
+                except quotas.WorkspaceDeleting:
+                    raise BadRequest(f"Workspace {row['id']} is being deleted.") from None
+                yield chunk
+
+        staged: list[StagedUpload] = []
+        try:
+            async for part in reader.parts():
+                if part.filename is None:
+                    await reader.skip()
+                    continue
+                staged.append(await storage.stage_upload(
+                    row["file_path"], account, part.filename, counted(reader.chunks())))
+            if not staged:
+                raise BadRequest("No files found in request.")
+            await storage.commit_uploads(staged)
+        except BaseException:
+            storage.discard_uploads(staged)
+            await asyncio.shield(quotas.drop_claim(claim))
+            raise
+        storage.discard_uploads(staged)  # all committed: this only closes them
+        await quotas.finish_claim(claim, received)
         await Workspace.update({Workspace.datetime_last_modified: now()}).where(
             Workspace.id == row["id"]
         )
@@ -258,6 +294,7 @@ class WorkspaceRoutes(Controller):
         job_details = body.get("job_details", {})
         if not isinstance(job_details, dict):
             raise BadRequest("Job details not JSON.")
+        check_job_details(job_details, state.settings)
         resource_options = body.get("resource_options", {})
         if not isinstance(resource_options, dict):
             raise BadRequest("Resource options not JSON.")
@@ -267,6 +304,10 @@ class WorkspaceRoutes(Controller):
         if row["status"] in ("deleting", "error", "initializing"):
             raise BadRequest(f"Workspace {row['id']} is {row['status']} and cannot start jobs.")
         if not row["file_path"] or not await asyncio.to_thread(os.path.isdir, row["file_path"]):
+            # Gone because a delete won meanwhile: that delete's answer, not a server error.
+            status = await workspaces.status_of(row["id"])
+            if status in (None, "deleting"):
+                raise BadRequest(f"Workspace {row['id']} is deleting and cannot start jobs.")
             raise ServerError(
                 "Workspace directory is missing or invalid. Please contact an administrator."
             )
@@ -282,26 +323,35 @@ class WorkspaceRoutes(Controller):
         row = await _owned(user, workspace_id)
         wid = row["id"]
         await _refuse_unaccepted_copy(wid)
-        if await SharedWorkspaceMapping.exists().where(
-            (SharedWorkspaceMapping.original_workspace == wid)
-            & SharedWorkspaceMapping.is_accepted.eq(False)
-        ):
+        # Decided under the workspace's row lock: no start or share slips in between.
+        outcome = await workspaces.mark_deleting(wid)
+        if outcome is workspaces.Deletion.missing:
+            raise _not_found(workspace_id)
+        if outcome is workspaces.Deletion.pending_shares:
             raise BadRequest(
                 f"Workspace {wid} has shared workspaces associated with it, that have not yet "
                 "been accepted. Please cancel those shares to delete this workspace."
             )
-        # One statement decides: no active job may slip in between check and mark.
-        marked = await Workspace.update({Workspace.status: "deleting"}).where(
-            (Workspace.id == wid)
-            & WhereRaw(
-                "NOT EXISTS (SELECT 1 FROM uws_job j WHERE j.workspace = uws_workspace.id "
-                "AND j.status = ANY({}))", list(ACTIVE_JOB_STATUSES)
-            )
-        ).returning(Workspace.id)
-        if not marked:
+        if outcome is workspaces.Deletion.jobs_active:
             raise BadRequest("Cannot delete workspace, jobs are running for this workspace.")
         await workflow_ops.start_deletion(state.temporal, state.settings.task_queue, wid)
         return {"success": True, "message": f"Workspace {wid} queued for deletion."}
+
+
+def _files_size(files: list[FileSpec]) -> int:
+    return sum(len(f.content.encode("utf-8", "surrogatepass")) for f in files)
+
+
+async def _claim_for_files(user_id: int, workspace_id: int,
+                           files: list[FileSpec]) -> quotas.DiskClaim:
+    """Claim the files' bytes against the disk quota, or the quota's 400."""
+    try:
+        return await quotas.claim_disk(user_id, workspace_id, _files_size(files),
+                                       "these files need")
+    except quotas.QuotaExceeded as exc:
+        raise BadRequest(str(exc)) from None
+    except quotas.WorkspaceDeleting:
+        raise BadRequest(f"Workspace {workspace_id} is being deleted.") from None
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

@@ -73,7 +73,9 @@ class GlobusUserAuthentication(ExternalUserAuthentication):
             identities = set(as_list(data.get("identity_set"))) or set(as_list(data.get("sub")))
             await self._require_group(token, identities, username)
         first, _, last = (data.get("name") or "").strip().partition(" ")
-        info = UserInfo(username=username, email=email, first_name=first, last_name=last.strip())
+        # Display names only: cut to the columns' 150 rather than refuse.
+        info = UserInfo(username=username, email=email, first_name=first[:150],
+                        last_name=last.strip()[:150])
         return info, float(exp)
 
     async def _require_group(self, token: str, identities: set[str], username: str) -> None:

@@ -51,8 +51,9 @@ class LocalUserAuthentication(AuthMethod):
         names = {k: user_info.get(k) or "" for k in ("first_name", "last_name")}
         if not all(isinstance(v, str) for v in names.values()):
             raise AuthenticationFailed(INCORRECT, log_message="names are not strings")
-        if len(username) > 150 or len(email) > 254:
-            raise AuthenticationFailed(INCORRECT, log_message="username or email too long")
+        # The columns' lengths (uws_user): a longer value must not reach the database.
+        if len(username) > 150 or len(email) > 254 or any(len(v) > 150 for v in names.values()):
+            raise AuthenticationFailed(INCORRECT, log_message="a user_info field is too long")
         return UserInfo(username=username, email=email, **names)
 
     async def ensure_external_account(self, user: UserInfo) -> ExternalAccount:

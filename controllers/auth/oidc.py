@@ -207,5 +207,6 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
                 f"{username!r} is not in group {s.required_group!r}"))
         first, last = claims.get(s.first_name_claim), claims.get(s.last_name_claim)
         return UserInfo(username=username, email=email,
-                        first_name=first if isinstance(first, str) else "",
-                        last_name=last if isinstance(last, str) else "")
+                        # Display names only: cut to the columns' 150 rather than refuse.
+                        first_name=first[:150] if isinstance(first, str) else "",
+                        last_name=last[:150] if isinstance(last, str) else "")

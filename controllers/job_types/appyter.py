@@ -15,7 +15,7 @@ from __future__ import annotations
 import shlex
 from typing import cast
 
-from controllers.base import Connection, JobContext, JobType, PluginSettings
+from controllers.base import Connection, JobContext, JobType, JobTypeSettings
 from controllers.job_types.jupyter_lab import (
     SESSION_HOST,
     http_status,
@@ -66,7 +66,7 @@ class AppyterJob(JobType):
 
     interactive = True
 
-    class Settings(PluginSettings):
+    class Settings(JobTypeSettings):
         image: str = "maayanlab/appyters:latest"
         runtime: str = "podman"
         time_limit_min: int | None = 60

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
-from controllers.base import JobContext, JobType, PluginSettings
+from controllers.base import JobContext, JobType, JobTypeSettings
 from controllers.errors import InvalidRequest
 
 DEFAULT_SHEBANG = "#!/bin/bash\n"
@@ -19,7 +19,7 @@ class BatchScriptJob(JobType):
     directory as the workspace owner; without a ``#!`` line it runs under bash. Its exit
     code is the job's: 0 is ``complete``, anything else ``failed``."""
 
-    class Settings(PluginSettings):
+    class Settings(JobTypeSettings):
         max_script_bytes: int = Field(default=64 * 1024, ge=1)
         time_limit_min: int | None = None
 

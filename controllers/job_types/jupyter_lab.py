@@ -25,7 +25,7 @@ from typing import cast
 import httpx
 from pydantic import Field
 
-from controllers.base import Connection, JobContext, JobType, PluginSettings, SessionEndpoint
+from controllers.base import Connection, JobContext, JobType, JobTypeSettings, SessionEndpoint
 from controllers.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class JupyterLabJob(JobType):
 
     interactive = True
 
-    class Settings(PluginSettings):
+    class Settings(JobTypeSettings):
         python: str = ""
         time_limit_min: int | None = 60
         extra_args: list[str] = Field(default_factory=list)

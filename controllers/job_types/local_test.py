@@ -7,7 +7,7 @@ from typing import cast
 
 from pydantic import Field
 
-from controllers.base import JobContext, JobType, PluginSettings
+from controllers.base import JobContext, JobType, JobTypeSettings
 
 OUTPUT_FILE = "test_job_output.txt"
 MAX_DURATION_SECONDS = 24 * 3600.0
@@ -16,7 +16,7 @@ MAX_DURATION_SECONDS = 24 * 3600.0
 class LocalTestJob(JobType):
     """Writes ``test_job_output.txt`` naming the job, sleeps ``duration_seconds``, exits 0."""
 
-    class Settings(PluginSettings):
+    class Settings(JobTypeSettings):
         duration_seconds: float = Field(default=10.0, ge=0)
         time_limit_min: int | None = None
 

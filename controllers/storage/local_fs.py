@@ -20,6 +20,7 @@ itself inside a workspace (``.jobs/``, ``.uws*``) are never written by client na
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -46,6 +47,7 @@ from controllers.base import (
     FileSpec,
     Health,
     PluginSettings,
+    StagedUpload,
     StorageMethod,
     SymlinkSpec,
     WorkspaceScan,
@@ -99,6 +101,9 @@ _SOURCE_MESSAGE = "Symlink source not allowed: {}"
 # client gives may create or replace one (see _refuse_reserved).
 _JOBS_DIR = ".jobs"
 _RESERVED_PREFIX = ".uws"
+# Uploads in progress, beside the workspaces of a user (see _open_staging).
+_STAGING_DIR = ".uws-staging"
+STAGED_MAX_AGE_SECONDS = 86400
 
 # Resolving symlink sources. ``resolve`` maps absolute paths to ["ok", real path] (the
 # target exists), ["missing", real path] (a component does not exist) or ["denied", ""]
@@ -205,6 +210,8 @@ class LocalFileSystemStorage(StorageMethod):
     def _create_workspace(self, path: str, account: ExternalAccount) -> None:
         path = self._confined(path)
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        # Made now, not at the first upload, so uploads never change the user's directory.
+        os.close(self._open_staging(path))
         try:
             os.mkdir(path, 0o700)
         except FileExistsError as exc:
@@ -366,24 +373,28 @@ class LocalFileSystemStorage(StorageMethod):
 
     # --- uploads ----------------------------------------------------------------------------
 
-    async def save_upload(
+    async def stage_upload(
         self,
         path: str,
         account: ExternalAccount,
         filename: str,
         chunks: AsyncIterator[bytes],
-    ) -> int:
+    ) -> StagedUpload:
         name = _upload_name(filename)
         limit = self.settings.max_upload_bytes
         owner = self._owner(account)
         ws_fd = await _finish_in_thread(partial(self._open_workspace, path), discard=os.close)
+        staging_fd: int | None = None
         temp = f".uws-upload-{secrets.token_hex(16)}.part"
         fd: int | None = None
         try:
             # Fail fast, before receiving the body, when the name cannot be written.
             await _finish_in_thread(partial(_check_upload_target, ws_fd, name, filename))
+            staging_fd = await _finish_in_thread(
+                partial(self._open_staging, path), discard=os.close
+            )
             fd = await _finish_in_thread(
-                partial(os.open, temp, _TEMP_FLAGS, 0o600, dir_fd=ws_fd), discard=os.close
+                partial(os.open, temp, _TEMP_FLAGS, 0o600, dir_fd=staging_fd), discard=os.close
             )
             size = 0
             async for chunk in chunks:
@@ -391,26 +402,67 @@ class LocalFileSystemStorage(StorageMethod):
                 if limit is not None and size > limit:
                     raise PayloadTooLarge(f"Upload exceeds the limit of {limit} bytes.")
                 await _finish_in_thread(partial(_write_all, fd, chunk))
-            # _finish_upload closes the fd whatever happens; never close it twice.
+            # _seal_upload closes the fd whatever happens; never close it twice.
             handed_over, fd = fd, None
-            await _finish_in_thread(
-                partial(_finish_upload, handed_over, ws_fd, temp, name, filename, owner)
-            )
-            return size
+            await _finish_in_thread(partial(_seal_upload, handed_over, owner))
         except BaseException as exc:
             # Synchronous on purpose: this also runs on cancellation, where awaiting again
-            # could be interrupted. Both calls are single quick syscalls.
+            # could be interrupted. Each call is a single quick syscall.
             if fd is not None:
                 os.close(fd)
-            _unlink_quietly(temp, ws_fd)
+            if staging_fd is not None:
+                _unlink_quietly(temp, staging_fd)
+                os.close(staging_fd)
+            os.close(ws_fd)
             if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
                 raise InsufficientStorage(
                     "Not enough space left on the storage to save this upload.",
                     log_message=f"upload of {filename!r} into {path}: {exc}",
                 ) from exc
             raise
+        return StagedUpload(filename, size, _Staged(ws_fd, staging_fd, temp, name))
+
+    async def commit_uploads(self, staged: list[StagedUpload]) -> None:
+        for item in staged:
+            handle: _Staged = item.handle
+            try:
+                await _finish_in_thread(partial(
+                    _place_upload, handle.staging_fd, handle.ws_fd, handle.temp, handle.name,
+                    item.filename))
+            except OSError as exc:
+                raise BackendError(
+                    "The upload could not be moved into the workspace.",
+                    log_message=f"Placing {item.filename!r} failed: {exc}",
+                ) from exc
+            handle.committed = True
+
+    def discard_uploads(self, staged: list[StagedUpload]) -> None:
+        for item in staged:
+            handle: _Staged = item.handle
+            if handle.ws_fd < 0:
+                continue
+            if not handle.committed:
+                _unlink_quietly(handle.temp, handle.staging_fd)
+            os.close(handle.staging_fd)
+            os.close(handle.ws_fd)
+            handle.ws_fd = handle.staging_fd = -1
+
+    def _open_staging(self, path: str) -> int:
+        """The server's own directory beside the workspace, in the server-owned per-user
+        directory (0700, created on first use): uploads stream in there, out of every
+        scan's and every job's reach, so a scan meanwhile never counts (nor a job ever
+        sees) a file still arriving; the quota counts it through its claim instead. Files
+        a crashed request left there are removed after a day."""
+        parent = os.path.dirname(self._confined(path))
+        parent_fd = os.open(parent, _DIR_FLAGS)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(_STAGING_DIR, 0o700, dir_fd=parent_fd)
+            fd = os.open(_STAGING_DIR, _DIR_FLAGS, dir_fd=parent_fd)
         finally:
-            os.close(ws_fd)
+            os.close(parent_fd)
+        _remove_old_staged(fd)
+        return fd
 
     # --- copying a workspace ---------------------------------------------------------------
 
@@ -762,16 +814,40 @@ def _check_upload_target(ws_fd: int, name: str, filename: str) -> None:
         raise InvalidRequest(_FILE_MESSAGE.format(filename))
 
 
-def _finish_upload(
-    fd: int, ws_fd: int, temp: str, name: str, filename: str, owner: tuple[int, int] | None
-) -> None:
-    """Set mode and owner, close, and move the temporary file onto its final name."""
+@dataclass
+class _Staged:
+    """A staged upload: its temporary name in ``staging_fd``, its final one in ``ws_fd``."""
+
+    ws_fd: int
+    staging_fd: int
+    temp: str
+    name: str
+    committed: bool = False
+
+
+def _remove_old_staged(staging_fd: int) -> None:
+    cutoff = time.time() - STAGED_MAX_AGE_SECONDS
+    for entry in _list_dir(staging_fd):
+        try:
+            if entry.is_file(follow_symlinks=False) and \
+                    entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.name, dir_fd=staging_fd)
+        except FileNotFoundError:
+            continue
+
+
+def _seal_upload(fd: int, owner: tuple[int, int] | None) -> None:
+    """Set mode and owner of the received temporary file, and close it."""
     try:
         os.fchmod(fd, 0o644)
         if owner:
             os.fchown(fd, *owner)
     finally:
         os.close(fd)
+
+
+def _place_upload(staging_fd: int, ws_fd: int, temp: str, name: str, filename: str) -> None:
+    """Move the temporary file onto its final name in the workspace."""
     # Checked again: the name may have changed while the body streamed in. rename() itself
     # never follows a link, so a race after this check cannot escape the workspace.
     _check_upload_target(ws_fd, name, filename)
@@ -780,7 +856,7 @@ def _finish_upload(
         os.replace,
         temp,
         name,
-        src_dir_fd=ws_fd,
+        src_dir_fd=staging_fd,
         dst_dir_fd=ws_fd,
     )
 

@@ -120,8 +120,14 @@ async def test_events_timeline_and_extend(client, auth, api_client_key) -> None:
     assert r.json()["message"] == "'minutes' must be a positive integer."
     await client.put(f"/jobs/{job['id']}/stop/", headers=auth)
     await wait_status(client, auth, job["id"], "complete")
-    r = await client.get(f"/jobs/{job['id']}/events/", headers=auth)
-    events = r.json()["data"]["events"]
+
+    async def workflow_done() -> list | None:
+        # The row is final before the workflow's last step (the rescan) has run.
+        r = await client.get(f"/jobs/{job['id']}/events/", headers=auth)
+        found = r.json()["data"]["events"]
+        return found if found[-1].get("detail") == "workflow completed" else None
+
+    events = await eventually(workflow_done, timeout=60)
     statuses = [e["status"] for e in events if e["type"] == "status"]
     assert statuses[:2] == ["pending", "running"] and "stopping" in statuses
     kinds = {(e["type"], e.get("name")) for e in events}

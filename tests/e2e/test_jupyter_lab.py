@@ -4,6 +4,8 @@ owner passes, only while it runs."""
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,7 +29,7 @@ async def start_lab(client, auth) -> tuple[int, dict]:
     async def ready() -> dict | None:
         r = await client.get(f"/jobs/{job_id}/", headers=auth)
         job = r.json()["data"]["jobs"][0]
-        assert job["status"] in ("pending", "running"), job
+        assert job["status"] in ("pending", "running"), str(job)
         details = job["job_details"]["current_job_details"]
         return details if details.get("message") == "Webserver ready." else None
 
@@ -46,12 +48,23 @@ async def test_jupyter_lab_session_and_passthrough(
     query = parse_qs(url.query)
     token = query["token"][0]
     assert query["uws_ticket"][0].startswith("t1.")
-    direct = f"http://{proxy['hostname']}:{proxy['port']}{proxy['path']}"
-    async with httpx.AsyncClient() as session:
+    # The upstream is the resource's choice: the session's Unix socket, owned by the
+    # user's own OS account (never root, nor the server's); no TCP port at all.
+    assert set(proxy) == {"hostname", "path", "socket", "uid"}
+    assert proxy["path"] == f"/passthrough/{proxy['hostname']}/{job_id}/"
+    info = os.lstat(proxy["socket"])
+    assert stat.S_ISSOCK(info.st_mode) and info.st_uid == proxy["uid"] not in (0, os.geteuid())
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    direct = f"http://localhost{proxy['path']}"
+
+    def on_socket() -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=proxy["socket"]))
+
+    async with on_socket() as session:
         r = await session.get(direct + "api/contents/", params={"token": token})
         assert r.status_code == 200
         assert "hello.py" in {item["name"] for item in r.json()["content"]}
-    async with httpx.AsyncClient() as stranger:  # no token, no cookie from the above
+    async with on_socket() as stranger:  # no token, no cookie from the above
         assert (await stranger.get(direct + "api/contents/")).status_code == 403
 
     base = f"{server_url}{proxy['path']}"
@@ -93,6 +106,7 @@ async def test_jupyter_lab_session_and_passthrough(
     assert done["status"] == "complete"
     r = await client.get(base + "api/status", headers=auth)
     assert r.status_code == 403
-    async with httpx.AsyncClient() as session:
+    assert not os.path.exists(proxy["socket"])  # the session's directory went with it
+    async with on_socket() as session:
         with pytest.raises(httpx.ConnectError):
             await session.get(direct + "api/status", params={"token": token})

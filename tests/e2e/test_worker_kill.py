@@ -22,6 +22,14 @@ from workflows.models import JobContinuation, JobInput, JobRunState, StopRequest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
 def _start_worker(temporal_env, database_url: str, data_dir: Path, queue: str,
                   log: Path) -> subprocess.Popen:
     env = {**os.environ, "UWS_DATABASE_URL": database_url, "UWS_DATA_DIR": str(data_dir),
@@ -59,6 +67,13 @@ async def test_sigkill_worker_while_jobs_run(
         await eventually(all_running, timeout=60)
         worker.send_signal(signal.SIGKILL)
         worker.wait()
+        # The jobs are the supervisors', not the worker's: they run on without it, as
+        # their owners' accounts.
+        rows = await Job.select(Job.resource_job_id).where(Job.id.is_in([j[0] for j in jobs]))
+        for row in rows:
+            pid = row["resource_job_id"]
+            assert _is_running(pid), pid
+            assert Path(f"/proc/{pid}").stat().st_uid not in (0, os.geteuid())
         # While no worker runs: a stop request waits in the workflow's history.
         await jobs[0][2].signal(JobWorkflow.request_stop, StopRequest(reason="Stopped by user."))
         await asyncio.sleep(1)

@@ -5,7 +5,7 @@ An upload that does not fit answers 507 Insufficient Storage in the contract's e
 the request was fine and within every limit the server sets (that would be 413); the
 server could not store it (RFC 4918, 11.5). A copy that does not fit ends the share in
 ``error`` with that reason. Neither leaves a partial or temporary file behind, and the
-usage numbers match what is on disk."""
+usage numbers match what is on disk (a copy not yet accepted counts for its sender)."""
 
 from __future__ import annotations
 
@@ -133,8 +133,11 @@ async def test_share_copy_fills_the_disk(stack: Stack, client_key: str) -> None:
     assert "space" in row["status_reason"], row
     assert not [n for n in os.listdir(copy) if n.endswith(".part")], os.listdir(copy)
     assert _entries(path) == {f"part{i}.bin": part for i in range(4)}  # the original intact
-    async with recipient.http() as http:
+    # Not accepted, the copy is charged to its sender (db.quotas), not to the recipient.
+    async with sender.http() as http:
         async def counted() -> bool:
-            return await _used(http) == sum(on_disk.values())
+            return await _used(http) == sum(_entries(path).values()) + sum(on_disk.values())
 
-        await eventually(counted, 30, what="the recipient's usage matching the disk")
+        await eventually(counted, 30, what="the sender's usage matching the disk")
+    async with recipient.http() as http:
+        assert await _used(http) == 0

@@ -123,3 +123,38 @@ async def test_temporal_restart(stack: Stack, client_key: str) -> None:
         assert "workflow service is unavailable" in r.json()["message"]
     await assert_consistent(stack, expected)
     print(f"Temporal restart: jobs final {time.monotonic() - restarted:.1f}s after restart")
+
+
+async def test_stop_while_temporal_down(stack: Stack, client_key: str) -> None:
+    """A stop sent while the Temporal server is down: the API's client retries for a
+    while, then answers 503 with the row unchanged; a stop in flight when Temporal comes
+    back gets through. Either way the job is stopped by the user, not by its time limit."""
+    user = await new_user(stack, client_key)
+    async with user.http() as http:
+        ws = await new_workspace(http)
+        job = await start_job(http, ws, 300)
+        await wait_status(stack, [job], ("running",))
+        stack.temporal.proc.kill()
+        try:
+            began = time.monotonic()
+            down = await http.put(f"/jobs/{job}/stop/")
+            print(f"stop while Temporal down: {down.status_code} after "
+                  f"{time.monotonic() - began:.1f}s: {down.text[:200]}")
+            assert down.status_code == 503, down.text
+            assert down.json() == {"success": False, "message": "The workflow service is "
+                                   "unavailable right now. Please try again shortly."}
+            rows = await db_fetch(stack, "SELECT status FROM uws_job WHERE id = $1", job)
+            assert rows[0]["status"] == "running"  # unchanged: the retry is not refused
+            # The client's retry, sent while Temporal is still down; Temporal comes back
+            # while the API's client is still retrying the signal.
+            retry = asyncio.create_task(http.put(f"/jobs/{job}/stop/"))
+            await asyncio.sleep(2)
+        finally:
+            stack.temporal.start()
+        r = await retry
+        print(f"stop retried across the restart: {r.status_code} after "
+              f"{time.monotonic() - began:.1f}s: {r.text[:200]}")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"success": True, "message": "Job queued to stop."}
+    rows = await assert_consistent(stack, {job: "complete"})
+    assert "Stopped by user." in str(rows[job]["job_details"]), rows[job]

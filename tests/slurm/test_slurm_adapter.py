@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from controllers.base import ExternalAccount, LaunchRequest
+from controllers.errors import InvalidRequest
 from controllers.resources.slurm import SlurmResource, SlurmSettings
 from controllers.resources.slurm.adapter import INVALID_JOB_ID, SlurmApiError, SlurmJob
 from controllers.resources.slurm.resource import decode_exit, job_state, raised_limit
@@ -178,3 +179,21 @@ async def test_per_user_tokens(resource, slurm_user, slurm_cluster, slurm_rest) 
     assert state.status == "complete", state
     r = await slurm_rest.get(f"/job/{handle['id']}")
     assert r.json()["jobs"][0]["user_name"] == slurm_user.name
+
+
+async def test_a_submit_slurm_refuses_for_good_is_permanent(resource, slurm_user) -> None:
+    """A partition that does not exist: the real Slurm refuses the submission, and the
+    launch says so as a permanent refusal (the job then fails with it, never retried)."""
+    nowhere = SlurmResource(
+        "s", resource.settings.model_copy(update={"partition": "no-such-partition"}),
+        storage=resource.storage, auth=resource.auth, passthrough_domain="",
+        parameter_mapping={})
+    account = pwd.getpwnam(slurm_user.name)
+    request = LaunchRequest(
+        job_id=700_000_000 + account.pw_uid, script="sleep 1", workdir=account.pw_dir,
+        account=ExternalAccount(username=account.pw_name, uid=account.pw_uid,
+                                gid=account.pw_gid, home=account.pw_dir))
+    with pytest.raises(InvalidRequest) as refused:
+        await nowhere.launch(request)
+    assert refused.value.user_message.startswith("Slurm refused the job: ")
+    assert "partition" in refused.value.user_message.lower()

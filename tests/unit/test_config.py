@@ -91,6 +91,17 @@ def test_parameter_validation_type(tmp_path: Path) -> None:
     assert _error(data, tmp_path).key_path == "parameters.0.validation.type"
 
 
+def test_max_pending_shares(tmp_path: Path) -> None:
+    data = _default()
+    assert data["sharing"]["max_pending_per_user"] == 20  # shipped, and the default
+    del data["sharing"]["max_pending_per_user"]
+    assert parse_config(data, "x.toml").sharing.max_pending_per_user == 20
+    for bad in (0, -1, 1.5, "20", True):
+        data["sharing"]["max_pending_per_user"] = bad
+        error = _error(data, tmp_path)
+        assert error.key_path == "sharing.max_pending_per_user", bad
+
+
 def test_not_toml(tmp_path: Path) -> None:
     path = tmp_path / "x.toml"
     path.write_text("this is = = not toml")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -540,11 +541,48 @@ async def test_upload_cancelled_leaves_nothing(
 
     task = asyncio.create_task(storage.save_upload(str(ws), account, "f.txt", stalled()))
     await started.wait()
-    assert len(entries(ws)) == 1  # the temporary file exists meanwhile
+    # The temporary file exists meanwhile, beside the workspace: no scan or job sees it.
+    staging = ws.parent / ".uws-staging"
+    assert entries(ws) == [] and len(entries(staging)) == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert entries(ws) == []
+    assert entries(ws) == [] and entries(staging) == []
+
+
+async def test_staged_uploads_land_together_or_not_at_all(
+    storage: LocalFileSystemStorage, account: ExternalAccount, ws: Path
+) -> None:
+    (ws / "f.txt").write_text("old")
+    staging = ws.parent / ".uws-staging"
+    staged = [await storage.stage_upload(str(ws), account, "f.txt", chunks_of(b"new")),
+              await storage.stage_upload(str(ws), account, "g.txt", chunks_of(b"g" * 10))]
+    assert [s.size for s in staged] == [3, 10]
+    assert entries(ws) == ["f.txt"] and (ws / "f.txt").read_text() == "old"
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o700 and len(entries(staging)) == 2
+    storage.discard_uploads(staged)  # refused: nothing lands, the old file stays
+    assert entries(ws) == ["f.txt"] and (ws / "f.txt").read_text() == "old"
+    assert entries(staging) == []
+
+    staged = [await storage.stage_upload(str(ws), account, "f.txt", chunks_of(b"new")),
+              await storage.stage_upload(str(ws), account, "g.txt", chunks_of(b"g"))]
+    await storage.commit_uploads(staged)
+    storage.discard_uploads(staged)  # only closes what is committed
+    assert entries(ws) == ["f.txt", "g.txt"] and (ws / "f.txt").read_text() == "new"
+    assert entries(staging) == []
+
+
+async def test_uploads_a_crash_left_are_removed_after_a_day(
+    storage: LocalFileSystemStorage, account: ExternalAccount, ws: Path
+) -> None:
+    staging = ws.parent / ".uws-staging"
+    await storage.save_upload(str(ws), account, "a.txt", chunks_of(b"a"))
+    (staging / ".uws-upload-old.part").write_bytes(b"left behind")
+    (staging / ".uws-upload-new.part").write_bytes(b"in progress")
+    old = time.time() - 2 * 86400
+    os.utime(staging / ".uws-upload-old.part", (old, old))
+    await storage.save_upload(str(ws), account, "b.txt", chunks_of(b"b"))
+    assert entries(staging) == [".uws-upload-new.part"]
 
 
 # --- delete and health --------------------------------------------------------------------------

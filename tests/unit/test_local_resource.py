@@ -1,50 +1,148 @@
-"""LocalResource against real processes: launch, poll, wait, stop, restarts of the launcher."""
+"""LocalResource against real processes, through its public API: launch, poll, wait, stop,
+sessions, and restarts or crashes of the launcher.
+
+The resource runs multi-user, as the test config does: an auth whose ``serves_one_person``
+is False, and each job as a real throwaway OS account (made here, removed at the end) in a
+network namespace of its own. Its state and sessions directories and the account's
+workspace are under ``traversable_dir`` (pytest's tmp dirs are 0700 root: the account
+could not reach them). Each test has a resource of its own, so job ids may repeat.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
 import pwd
+import secrets
+import shlex
 import shutil
 import signal
+import socket
+import stat
+import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from controllers.auth.accounts import AccountSettings
+from controllers.auth.local import LocalUserAuthentication
 from controllers.base import ExternalAccount, JobContext, LaunchRequest
 from controllers.errors import BackendError, InvalidRequest
 from controllers.job_types.local_test import LocalTestJob
 from controllers.resources.local import LocalResource
+from tests.conftest import TEST_ACCOUNT_COMMENT, stop_leftover_jobs, traversable_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_LIMIT_S = 30.0
+GRACE_S = 1.0  # the resource's stop grace: TERM, then KILL this long after
 
 
-def make_resource(**mapping: str) -> LocalResource:
-    # Storage and auth are not used by this resource.
+# --- accounts, resources, requests ----------------------------------------------------
+
+
+def _make_account() -> Iterator[ExternalAccount]:
+    name = f"uwst{secrets.token_hex(4)}"
+    subprocess.run(["useradd", "--no-create-home", "--comment", TEST_ACCOUNT_COMMENT, name],
+                   check=True, capture_output=True)
+    try:
+        entry = pwd.getpwnam(name)
+        yield ExternalAccount(username=name, uid=entry.pw_uid, gid=entry.pw_gid,
+                              home=entry.pw_dir)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+# Per test: each test's accounts are fresh (and a uid is never shared by the two).
+@pytest.fixture
+def account() -> Iterator[ExternalAccount]:
+    """The account the jobs run as."""
+    yield from _make_account()
+
+
+@pytest.fixture
+def stranger(account: ExternalAccount) -> Iterator[ExternalAccount]:
+    """Another user's account."""
+    for other in _make_account():
+        assert other.uid != account.uid
+        yield other
+
+
+def multi_user_auth() -> LocalUserAuthentication:
+    auth = LocalUserAuthentication("local_auth", AccountSettings(accounts="multi_user"))
+    assert not auth.serves_one_person
+    return auth
+
+
+def resource_settings(root: Path) -> dict[str, Any]:
+    return {"state_dir": str(root / "local-jobs"), "sessions_dir": str(root / "sessions"),
+            "stop_grace_seconds": GRACE_S}
+
+
+def make_resource(root: Path, **mapping: str) -> LocalResource:
+    # Storage is not used by this resource.
     return LocalResource(
-        "local", LocalResource.Settings(), storage=None, auth=None,  # type: ignore[arg-type]
+        "local", LocalResource.Settings(**resource_settings(root)),
+        storage=None, auth=multi_user_auth(),  # type: ignore[arg-type]
         passthrough_domain="localhost", parameter_mapping=mapping,
     )
 
 
-def make_request(workdir: Path, script: str, job_id: int = 1, **extra: Any) -> LaunchRequest:
-    return LaunchRequest(job_id=job_id, script=script, workdir=str(workdir),
-                         account=ExternalAccount(username=getpass.getuser()), **extra)
+@dataclass
+class Env:
+    root: Path
+    workspace: Path  # the account's own directory, where its jobs' workdirs go
+    resource: LocalResource
+    account: ExternalAccount
+    handles: list[dict[str, Any]] = field(default_factory=list)
+
+    def workdir(self, job_id: int) -> Path:
+        return self.workspace / f"job-{job_id}"
+
+    def request(self, script: str, job_id: int = 1, *,
+                account: ExternalAccount | None = None, **extra: Any) -> LaunchRequest:
+        return LaunchRequest(job_id=job_id, script=script, workdir=str(self.workdir(job_id)),
+                             account=account or self.account, **extra)
+
+    async def launch(self, request: LaunchRequest,
+                     resource: LocalResource | None = None) -> dict[str, Any]:
+        handle = await (resource or self.resource).launch(request)
+        self.handles.append(handle)
+        return handle
+
+
+@pytest.fixture
+async def env(account: ExternalAccount) -> AsyncIterator[Env]:
+    root = traversable_dir("uws-local-")
+    workspace = root / "ws"
+    workspace.mkdir(mode=0o700)
+    os.chown(workspace, account.uid, account.gid)  # type: ignore[arg-type]
+    resource = make_resource(root)
+    await resource.prepare()
+    env = Env(root, workspace, resource, account)
+    try:
+        yield env
+    finally:
+        # No test leaves a process behind: every handle, then whatever else was started.
+        for handle in env.handles:
+            await resource.stop(handle, 1.0)
+        await stop_leftover_jobs(resource, root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- processes ----------------------------------------------------------------------------
 
 
 def proc_stat(pid: int) -> list[str] | None:
     """Fields 3.. of /proc/<pid>/stat, or None if there is no such process."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
 
 
@@ -58,6 +156,10 @@ def parent_pid(pid: int) -> int:
     fields = proc_stat(pid)
     assert fields is not None
     return int(fields[1])
+
+
+def owner_uid(pid: int) -> int:
+    return Path(f"/proc/{pid}").stat().st_uid
 
 
 def group_exists(pgid: int) -> bool:
@@ -78,291 +180,566 @@ async def eventually(check: Callable[[], bool], limit: float = WAIT_LIMIT_S) -> 
     return True
 
 
-@pytest.fixture
-def resource() -> LocalResource:
-    return make_resource()
+async def pids_written(workdir: Path, *names: str) -> dict[str, int]:
+    """The pids the job wrote into ``names`` (once each file holds one)."""
+    def written() -> bool:
+        return all((workdir / n).exists() and (workdir / n).read_text().strip().isdigit()
+                   for n in names)
+    assert await eventually(written), sorted(p.name for p in workdir.iterdir())
+    return {n: int((workdir / n).read_text()) for n in names}
 
 
-@pytest.fixture
-async def started(resource: LocalResource) -> AsyncIterator[list[dict[str, Any]]]:
-    """Handles to stop at the end, so no test leaves a process behind."""
-    handles: list[dict[str, Any]] = []
-    yield handles
-    for handle in handles:
-        await resource.stop(handle, 1.0)
+def job_log(workdir: Path) -> str:
+    path = workdir / "job.log"
+    return path.read_text() if path.exists() else ""
 
 
-async def launch(resource: LocalResource, started: list[dict[str, Any]],
-                 request: LaunchRequest) -> dict[str, Any]:
-    handle = await resource.launch(request)
-    started.append(handle)
-    return handle
+# --- running to the end -----------------------------------------------------------------
 
 
-# --- running to the end ---------------------------------------------------------------
-
-
-async def test_test_job_runs_to_complete(resource, started, tmp_path):
+async def test_test_job_runs_to_complete(env: Env):
     job = LocalTestJob("local_test", {"local": LocalTestJob.Settings(duration_seconds=0.5)})
-    ctx = JobContext(job_id=41, workdir=str(tmp_path), resource_name="local",
+    workdir = env.workdir(41)
+    ctx = JobContext(job_id=41, workdir=str(workdir), resource_name="local",
                      passthrough_domain="localhost")
-    handle = await launch(resource, started, make_request(tmp_path, job.script(ctx), 41))
+    handle = await env.launch(env.request(job.script(ctx), 41))
 
-    assert handle["id"] == handle["pgid"] == resource.resource_job_id(handle)
+    assert handle["id"] == handle["pgid"] == env.resource.resource_job_id(handle)
     assert json.loads(json.dumps(handle)) == handle
-    running = await resource.poll(handle)
+    running = await env.resource.poll(handle)
     assert running.status == "running"
     assert running.hostname == "127.0.0.1"
 
     began = time.monotonic()
-    state = await resource.wait(handle, WAIT_LIMIT_S)
+    state = await env.resource.wait(handle, WAIT_LIMIT_S)
     assert time.monotonic() - began < WAIT_LIMIT_S  # told of the exit, not timed out
-    assert (state.status, state.exit_code) == ("complete", 0)
+    assert (state.status, state.exit_code) == ("complete", 0), job_log(workdir)
     assert state.core_hours is not None and state.core_hours > 0
-    assert "41" in (tmp_path / "test_job_output.txt").read_text()
+    output = workdir / "test_job_output.txt"
+    assert "41" in output.read_text()
+    assert output.stat().st_uid == env.account.uid  # written by the job, as the account
 
 
-async def test_failing_script_reads_failed_with_its_exit_code(resource, started, tmp_path):
-    handle = await launch(resource, started, make_request(tmp_path, "echo oops >&2\nexit 3\n"))
-    state = await resource.wait(handle, WAIT_LIMIT_S)
+async def test_failing_script_reads_failed_with_its_exit_code(env: Env):
+    handle = await env.launch(env.request("echo oops >&2\nexit 3\n"))
+    state = await env.resource.wait(handle, WAIT_LIMIT_S)
     assert (state.status, state.exit_code, state.detail) == ("failed", 3, "exit code 3")
-    assert "oops" in (tmp_path / "job.log").read_text()
+    assert "oops" in job_log(env.workdir(1))
     # Polling after the end keeps answering the same.
-    assert (await resource.poll(handle)).exit_code == 3
+    assert (await env.resource.poll(handle)).exit_code == 3
 
 
-async def test_wait_times_out_on_a_running_job(resource, started, tmp_path):
-    handle = await launch(resource, started, make_request(tmp_path, "sleep 1000\n"))
+async def test_wait_times_out_on_a_running_job(env: Env):
+    handle = await env.launch(env.request("sleep 1000\n"))
     began = time.monotonic()
-    state = await resource.wait(handle, 0.5)
+    state = await env.resource.wait(handle, 0.5)
     assert time.monotonic() - began >= 0.5
     assert state.status == "running"
 
 
-async def test_job_environment_is_the_requests_not_the_workers(
-        resource, started, tmp_path, monkeypatch):
+async def test_exit_code_and_core_hours_are_measured_by_the_server(env: Env):
+    request = env.request("sleep 1\nexit 5\n", resource_options={"num_cpus": 2})
+    before = time.time()
+    handle = await env.launch(request)
+    assert before <= handle["started_at"] <= time.time()
+    assert handle["cpus"] == 2
+
+    running = await env.resource.poll(handle)
+    assert running.status == "running"
+    assert 0 <= running.core_hours <= 2 * (time.time() - before) / 3600
+
+    state = await env.resource.wait(handle, WAIT_LIMIT_S)
+    assert (state.status, state.exit_code, state.detail) == ("failed", 5, "exit code 5")
+    elapsed = state.core_hours * 3600 / 2  # two CPUs granted
+    assert 1.0 <= elapsed <= time.time() - before
+    # The end is the measured one: the count does not grow once the job has ended.
+    await asyncio.sleep(0.3)
+    assert (await env.resource.poll(handle)).core_hours == state.core_hours
+
+
+async def test_a_job_killed_by_a_signal_reads_128_plus_the_signal(env: Env):
+    handle = await env.launch(env.request("kill -KILL $$\n"))
+    state = await env.resource.wait(handle, WAIT_LIMIT_S)
+    assert (state.status, state.exit_code, state.detail) == ("failed", 137, "exit code 137")
+
+
+async def test_job_environment_is_the_requests_not_the_workers(env: Env, monkeypatch):
     monkeypatch.setenv("UWS_WORKER_SECRET", "do-not-leak")
-    script = "env > env.txt\n"
-    request = make_request(tmp_path, script, 7, env={"FOO": "bar baz"})
-    state = await resource.wait(await launch(resource, started, request), WAIT_LIMIT_S)
-    assert state.status == "complete"
-    env = dict(line.split("=", 1) for line in (tmp_path / "env.txt").read_text().splitlines()
-               if "=" in line)
-    assert env["FOO"] == "bar baz"
-    assert env["UWS_JOB_ID"] == "7"
-    assert env["USER"] == getpass.getuser()
-    assert "HOME" in env
-    assert "UWS_WORKER_SECRET" not in env
+    request = env.request("env > env.txt\n", 7, env={"FOO": "bar baz"})
+    state = await env.resource.wait(await env.launch(request), WAIT_LIMIT_S)
+    assert state.status == "complete", job_log(env.workdir(7))
+    lines = (env.workdir(7) / "env.txt").read_text().splitlines()
+    job_env = dict(line.split("=", 1) for line in lines if "=" in line)
+    assert job_env["FOO"] == "bar baz"
+    assert job_env["UWS_JOB_ID"] == "7"
+    assert job_env["USER"] == job_env["LOGNAME"] == env.account.username
+    assert job_env["HOME"] == env.account.home
+    assert "UWS_WORKER_SECRET" not in job_env
 
 
-async def test_num_cpus_follows_the_parameter_mapping(started, tmp_path):
-    resource = make_resource(num_cpus="cores")
-    request = make_request(tmp_path, "true\n", resource_options={"cores": 4})
-    handle = await launch(resource, started, request)
+async def test_num_cpus_follows_the_parameter_mapping(env: Env):
+    resource = make_resource(env.root, num_cpus="cores")
+    handle = await env.launch(env.request("true\n", resource_options={"cores": 4}), resource)
     assert handle["cpus"] == 4
-    with pytest.raises(InvalidRequest):
-        await resource.launch(make_request(tmp_path / "x", "true\n", 2,
-                                           resource_options={"cores": "many"}))
+    assert (await env.launch(env.request("true\n", 2), resource))["cpus"] == 1  # default
+    for bad in ("many", 0):
+        with pytest.raises(InvalidRequest):
+            await resource.launch(env.request("true\n", 3, resource_options={"cores": bad}))
+    assert not env.workdir(3).exists()  # nothing was started
 
 
-async def test_health(resource):
-    assert (await resource.health()).ok
+async def test_a_job_that_cannot_start_reads_failed_with_the_reason(env: Env):
+    # The account may not create its workdir here (root's directory): the job never runs.
+    blocked = env.root / "roots"
+    blocked.mkdir(mode=0o755)
+    request = LaunchRequest(job_id=9, script="echo ran > ran.txt\n",
+                            workdir=str(blocked / "job"), account=env.account)
+    state = await env.resource.wait(await env.launch(request), WAIT_LIMIT_S)
+    assert (state.status, state.exit_code) == ("failed", 127)
+    assert state.detail.startswith("could not start the job: PermissionError"), state.detail
+    assert not (blocked / "job").exists()
 
 
-# --- launching once -------------------------------------------------------------------
+async def test_health_and_preparation(env: Env):
+    assert env.resource.isolated
+    assert (await env.resource.health()).ok
+    await env.resource.prepare()  # idempotent
+    state_root, sessions_root = env.root / "local-jobs", env.root / "sessions"
+    assert stat.S_IMODE(state_root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(sessions_root.stat().st_mode) == 0o711
+    assert state_root.stat().st_uid == sessions_root.stat().st_uid == os.geteuid()
+
+
+async def test_a_sessions_dir_too_long_for_a_socket_is_refused(env: Env):
+    settings = {**resource_settings(env.root), "sessions_dir": str(env.root / ("s" * 100))}
+    resource = LocalResource("local", LocalResource.Settings(**settings), storage=None,  # type: ignore[arg-type]
+                             auth=multi_user_auth(), passthrough_domain="localhost",
+                             parameter_mapping={})
+    with pytest.raises(RuntimeError, match="too long for a Unix socket"):
+        await resource.prepare()
+
+
+async def test_a_handle_of_an_older_version_reads_failed(env: Env):
+    old = {"id": 123456, "pgid": 123456, "start_ticks": 1, "workdir": str(env.workspace),
+           "job_id": 1, "cpus": 1, "hostname": "127.0.0.1", "started_at": time.time()}
+    state = await env.resource.poll(old)
+    assert (state.status, state.detail) == ("failed", "launched by an older version of uws")
+    await env.resource.stop(old, 0.1)  # quiet
+
+
+# --- the account and its isolation ----------------------------------------------------
+
+
+async def test_job_runs_as_the_account_in_its_own_network_namespace(env: Env):
+    listener = socket.create_server(("127.0.0.1", 0))  # a port of the host's loopback
+    port = listener.getsockname()[1]
+    script = (
+        "id -u > uid.txt\nid -g > gid.txt\nid -G > groups.txt\n"
+        "readlink /proc/self/ns/net > netns.txt\n"
+        f"(echo hi > /dev/tcp/127.0.0.1/{port}) 2> tcp.err && echo reached > tcp.txt\n"
+        "exit 0\n"
+    )
+    try:
+        state = await env.resource.wait(await env.launch(env.request(script)), WAIT_LIMIT_S)
+    finally:
+        listener.close()
+    workdir = env.workdir(1)
+    assert state.status == "complete", job_log(workdir)
+    account = env.account
+    assert (workdir / "uid.txt").read_text().split() == [str(account.uid)]
+    assert (workdir / "gid.txt").read_text().split() == [str(account.gid)]
+    assert (workdir / "groups.txt").read_text().split() == [str(account.gid)]  # its own only
+    assert (workdir / "netns.txt").read_text().strip() != os.readlink("/proc/self/ns/net")
+    assert not (workdir / "tcp.txt").exists()  # the host's loopback is out of reach
+    # The job's directory and files are the account's, private to it.
+    for path, mode in ((workdir, 0o700), (workdir / "job.log", 0o600),
+                       (workdir / "job.sh", 0o700)):
+        info = path.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (account.uid, mode), path
+
+
+@pytest.mark.parametrize("who", ["root", "service", "no uid", "root group"])
+async def test_launch_refuses_accounts_that_are_not_a_users_own(env: Env, who: str):
+    accounts = {
+        "root": ExternalAccount(username="root", uid=0, gid=0),
+        "service": ExternalAccount(username="svc", uid=os.geteuid(), gid=os.getegid()),
+        "no uid": ExternalAccount(username=env.account.username),
+        "root group": env.account.model_copy(update={"gid": 0}),
+    }
+    with pytest.raises(BackendError):
+        await env.resource.launch(env.request("touch ran\n", 4, account=accounts[who]))
+    assert not env.workdir(4).exists()  # nothing ran
+
+
+# --- launching once -----------------------------------------------------------------------
 
 
 COUNTING_SCRIPT = "echo started >> starts.txt\nsleep 0.5\n"
 
 
-async def test_repeated_launch_returns_the_first_handle(resource, started, tmp_path):
-    request = make_request(tmp_path, COUNTING_SCRIPT, 5)
-    first = await launch(resource, started, request)
-    again = await resource.launch(request)
+def starts(workdir: Path) -> list[str]:
+    return (workdir / "starts.txt").read_text().splitlines()
+
+
+async def test_repeated_launch_returns_the_first_handle(env: Env):
+    request = env.request(COUNTING_SCRIPT, 5)
+    first = await env.launch(request)
+    again = await env.resource.launch(request)
     # Concurrent retries, and a fresh resource as after a worker restart.
-    both = await asyncio.gather(resource.launch(request), make_resource().launch(request))
+    both = await asyncio.gather(env.resource.launch(request),
+                                make_resource(env.root).launch(request))
     assert again == first
     assert list(both) == [first, first]
 
-    assert (await resource.wait(first, WAIT_LIMIT_S)).status == "complete"
-    assert (await resource.launch(request)) == first  # even once it has ended
-    assert (tmp_path / "starts.txt").read_text().splitlines() == ["started"]
-
-
-async def test_concurrent_first_launches_start_one_process(resource, started, tmp_path):
-    request = make_request(tmp_path, COUNTING_SCRIPT, 6)
-    handles = await asyncio.gather(*(make_resource().launch(request) for _ in range(4)))
-    started.append(handles[0])
-    assert all(handle == handles[0] for handle in handles)
-    await resource.wait(handles[0], WAIT_LIMIT_S)
-    assert (tmp_path / "starts.txt").read_text().splitlines() == ["started"]
-
-
-async def test_launch_adopts_a_started_job_without_record(resource, started, tmp_path):
-    # As if the launching worker died after the wrapper wrote its pid, before the record.
-    request = make_request(tmp_path, COUNTING_SCRIPT, 8)
-    first = await launch(resource, started, request)
-    (tmp_path / ".uws-launch.json").unlink()
-    adopted = await resource.launch(request)
-    assert adopted["id"] == first["id"]
-    assert adopted["start_ticks"] == first["start_ticks"]
-    await resource.wait(adopted, WAIT_LIMIT_S)
-    assert (tmp_path / "starts.txt").read_text().splitlines() == ["started"]
-
-
-async def test_another_job_in_the_same_workdir(resource, started, tmp_path):
-    running = await launch(resource, started, make_request(tmp_path, "sleep 1000\n", 10))
-    with pytest.raises(BackendError):
-        await resource.launch(make_request(tmp_path, "true\n", 11))
-    await resource.stop(running, 1.0)
-    # Once the first has ended, a new job may use the directory, and its state is its own.
-    second = await launch(resource, started, make_request(tmp_path, "exit 0\n", 11))
-    assert second["id"] != running["id"]
-    assert (await resource.wait(second, WAIT_LIMIT_S)).status == "complete"
-
-
-# --- stopping and dying ---------------------------------------------------------------
-
-
-GROUP_SCRIPT = """\
-bash -c 'sleep 1000 & echo $! > grandchild.pid; wait' &
-sleep 1000
-"""
-
-
-async def test_stop_ends_the_whole_group(resource, started, tmp_path):
-    handle = await launch(resource, started, make_request(tmp_path, GROUP_SCRIPT))
-    pid_file = tmp_path / "grandchild.pid"
-    assert await eventually(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
-    grandchild = int(pid_file.read_text())
-    assert is_running(grandchild)
-
-    await resource.stop(handle, 5.0)
-    assert await eventually(lambda: not is_running(grandchild))
-    assert not is_running(handle["id"])
-    state = await resource.poll(handle)
-    # The wrapper trapped the TERM and recorded it; whether that is "failed" or
-    # "cancelled" for the user is the caller's decision.
-    assert (state.status, state.exit_code) == ("failed", 143)
-
-    await resource.stop(handle, 5.0)  # a second stop is quiet
-    assert (await resource.poll(handle)).exit_code == 143
-
-
-async def test_term_to_the_wrapper_alone_reaches_the_job(resource, started, tmp_path):
-    script = "sleep 1000 &\necho $! > child.pid\nwait\n"
-    handle = await launch(resource, started, make_request(tmp_path, script))
-    pid_file = tmp_path / "child.pid"
-    assert await eventually(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
-    os.kill(handle["id"], signal.SIGTERM)
-    state = await resource.wait(handle, WAIT_LIMIT_S)
-    assert (state.status, state.exit_code) == ("failed", 143)
-    # The wrapper forwarded the TERM to job.sh and recorded only once that had ended.
-    assert not is_running(handle["id"])
-
-
-async def test_stop_kills_a_job_that_ignores_term(resource, started, tmp_path):
-    script = "trap '' TERM\nwhile :; do sleep 0.1; done\n"
-    handle = await launch(resource, started, make_request(tmp_path, script))
-    await resource.stop(handle, 1.0)
-    assert await eventually(lambda: not is_running(handle["id"]))
-    assert (await resource.poll(handle)).status == "failed"
-
-
-async def test_stop_of_an_ended_job_is_quiet(resource, started, tmp_path):
-    handle = await launch(resource, started, make_request(tmp_path, "exit 0\n"))
-    await resource.wait(handle, WAIT_LIMIT_S)
-    await resource.stop(handle, 1.0)
-    assert (await resource.poll(handle)).status == "complete"
-
-
-async def test_killed_wrapper_reads_failed_not_running(resource, started, tmp_path):
-    handle = await launch(resource, started, make_request(tmp_path, "sleep 1000\n"))
-    os.kill(handle["id"], signal.SIGKILL)
-    state = await resource.wait(handle, WAIT_LIMIT_S)
-    assert state.status == "failed"
-    assert state.exit_code is None
-    assert state.detail == "process ended without an exit status"
-    assert not (tmp_path / ".uws-exit").exists()
-    # The orphaned job is still in the group: stop ends it (its zombie is reaped by init).
-    assert group_exists(handle["pgid"])
-    await resource.stop(handle, 1.0)
-    assert await eventually(lambda: not group_exists(handle["pgid"]))
-
-
-async def test_a_reused_pid_is_never_ours(resource, tmp_path):
-    # A handle whose pid now names another process (here: this test) with other ticks.
-    handle = {"id": os.getpid(), "pgid": os.getpgid(0), "start_ticks": -5,
-              "workdir": str(tmp_path), "job_id": 1, "cpus": 1,
-              "hostname": "127.0.0.1", "started_at": time.time()}
-    assert (await resource.poll(handle)).status == "failed"
-    assert (await resource.wait(handle, WAIT_LIMIT_S)).status == "failed"
-    await resource.stop(handle, 0.1)  # must not signal us: we are still here to assert
-    assert is_running(os.getpid())
+    assert (await env.resource.wait(first, WAIT_LIMIT_S)).status == "complete"
+    assert (await env.resource.launch(request)) == first  # even once it has ended
+    assert (await env.resource.poll(first)).status == "complete"
+    assert starts(env.workdir(5)) == ["started"]
 
 
 LAUNCHER = """\
-import asyncio, json, sys, time
+import asyncio, json, os, signal, sys, time
+from controllers.auth.accounts import AccountSettings
+from controllers.auth.local import LocalUserAuthentication
 from controllers.base import LaunchRequest
 from controllers.resources.local import LocalResource
 
-resource = LocalResource("local", LocalResource.Settings(), storage=None, auth=None,
-                         passthrough_domain="localhost", parameter_mapping={})
-handle = asyncio.run(resource.launch(LaunchRequest.model_validate_json(sys.argv[1])))
+settings, request, mode = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+resource = LocalResource(
+    "local", LocalResource.Settings(**settings), storage=None,
+    auth=LocalUserAuthentication("local_auth", AccountSettings(accounts="multi_user")),
+    passthrough_domain="localhost", parameter_mapping={})
+if mode == "crash":
+    # The worker dies right after starting the supervisor, before reading started.json.
+    start = LocalResource._start_supervisor
+    def start_then_die(self, job_id, state):
+        start(self, job_id, state)
+        os.kill(os.getpid(), signal.SIGKILL)
+    LocalResource._start_supervisor = start_then_die
+handle = asyncio.run(resource.launch(LaunchRequest.model_validate_json(request)))
 print(json.dumps(handle), flush=True)
-if sys.argv[2] == "linger":
+if mode == "linger":
     time.sleep(1000)
 """
 
 
-@pytest.mark.parametrize("launcher_end", ["exit", "sigkill"])
-async def test_job_survives_the_launching_process(resource, started, tmp_path, launcher_end):
-    request = make_request(tmp_path, "sleep 1000\n")
-    mode = "linger" if launcher_end == "sigkill" else "exit"
-    launcher = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LAUNCHER, request.model_dump_json(), mode,
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.PIPE,
+async def run_launcher(env: Env, request: LaunchRequest,
+                       mode: str) -> asyncio.subprocess.Process:
+    """Another process (another worker) launching ``request`` with the same settings."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LAUNCHER, json.dumps(resource_settings(env.root)),
+        request.model_dump_json(), mode, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE,
     )
+
+
+async def test_concurrent_first_launches_start_one_process(env: Env):
+    request = env.request(COUNTING_SCRIPT, 6)
+    # Two other processes and four fresh resources in this one launch at the same time.
+    launchers = [await run_launcher(env, request, "exit") for _ in range(2)]
+    handles = await asyncio.gather(*(env.launch(request, make_resource(env.root))
+                                     for _ in range(4)))
+    for launcher in launchers:
+        out, _ = await launcher.communicate()
+        assert launcher.returncode == 0
+        handles.append(json.loads(out))
+    assert all(handle == handles[0] for handle in handles)
+    assert (await env.resource.wait(handles[0], WAIT_LIMIT_S)).status == "complete"
+    assert starts(env.workdir(6)) == ["started"]
+
+
+async def test_a_launch_that_crashed_after_starting_the_supervisor_is_adopted(env: Env):
+    request = env.request(COUNTING_SCRIPT.replace("0.5", "2"), 8)
+    crashed = await run_launcher(env, request, "crash")
+    out, _ = await crashed.communicate()
+    assert crashed.returncode == -signal.SIGKILL and out == b""  # it never saw a handle
+
+    # The retried launch, from a fresh resource as a new worker would, adopts the job.
+    adopted = await env.launch(request, make_resource(env.root))
+    assert (await env.resource.poll(adopted)).status == "running"
+    assert owner_uid(adopted["id"]) == env.account.uid
+    assert parent_pid(adopted["id"]) == adopted["supervisor_pid"]
+    assert await env.resource.launch(request) == adopted
+    assert (await env.resource.wait(adopted, WAIT_LIMIT_S)).status == "complete"
+    assert starts(env.workdir(8)) == ["started"]
+
+
+@pytest.mark.parametrize("launcher_end", ["exit", "sigkill"])
+async def test_job_survives_the_launching_process(env: Env, launcher_end: str):
+    mode = "linger" if launcher_end == "sigkill" else "exit"
+    launcher = await run_launcher(env, env.request("sleep 1000\n"), mode)
     assert launcher.stdout is not None
     handle = json.loads(await launcher.stdout.readline())
-    started.append(handle)
+    env.handles.append(handle)
     if launcher_end == "sigkill":
         launcher.kill()
     assert await launcher.wait() == (-signal.SIGKILL if launcher_end == "sigkill" else 0)
 
-    state = await resource.poll(handle)
-    assert state.status == "running"
-    assert parent_pid(handle["id"]) not in (launcher.pid, os.getpid())
-    assert os.getsid(handle["id"]) == handle["id"] != os.getsid(0)
+    assert (await env.resource.poll(handle)).status == "running"
+    job, supervisor = handle["id"], handle["supervisor_pid"]
+    assert parent_pid(job) == supervisor
+    assert parent_pid(supervisor) not in (launcher.pid, os.getpid())
+    assert os.getsid(job) == job != os.getsid(0)
+    assert os.getsid(supervisor) not in (job, os.getsid(0))
 
-    await resource.stop(handle, 5.0)
-    assert (await resource.poll(handle)).status == "failed"
+    await env.resource.stop(handle, 5.0)
+    assert (await env.resource.poll(handle)).status == "failed"
 
 
-# --- running as the account -----------------------------------------------------------
+async def test_jobs_of_one_resource_have_their_own_state(env: Env):
+    first = await env.launch(env.request("sleep 1000\n", 10))
+    second = await env.launch(env.request("sleep 1000\n", 11))
+    assert first["id"] != second["id"]
+    await env.resource.stop(first, 1.0)
+    assert (await env.resource.poll(first)).status == "failed"
+    assert (await env.resource.poll(second)).status == "running"
+    assert is_running(second["id"])
 
 
-def nobody() -> pwd.struct_passwd | None:
+FORGING_SCRIPT = """\
+forged='{{"id": {victim}, "pgid": {victim}, "job_pid": {victim}, "supervisor_pid": {victim},
+  "started_at": 0, "code": 0, "ended_at": 1, "cpus": 1000}}'
+for name in .uws-launch.json ended.json started.json spec.json; do echo "$forged" > "$name"; done
+echo {victim} > .uws-pid
+echo 0 > .uws-exit
+printf '#!/bin/bash\\nexit 0\\n' > .uws-run.sh
+# The service's own state is closed to the job.
+(echo "$forged" > {state}/ended.json) 2> state.err
+ls {state} 2>> state.err
+touch ready
+sleep 1000
+"""
+
+
+async def test_files_the_job_forges_in_its_workdir_change_nothing(env: Env):
+    victim = subprocess.Popen(["sleep", "1000"])  # not the job's: must outlive its stop
     try:
-        return pwd.getpwnam("nobody")
-    except KeyError:
-        return None
+        state_dir = env.root / "local-jobs" / "12"
+        request = env.request(FORGING_SCRIPT.format(victim=victim.pid, state=state_dir), 12)
+        handle = await env.launch(request)
+        workdir = env.workdir(12)
+        assert await eventually(lambda: (workdir / "ready").exists()), job_log(workdir)
+        assert victim.pid not in (handle["id"], handle["pgid"], handle["supervisor_pid"])
 
+        assert (await env.resource.poll(handle)).status == "running"  # not its "ended"
+        assert await env.resource.launch(request) == handle  # not its "launch record"
+        assert await make_resource(env.root).launch(request) == handle
+        assert (workdir / "state.err").read_text().count("Permission denied") == 2
 
-@pytest.mark.skipif(os.geteuid() != 0 or nobody() is None, reason="needs root and 'nobody'")
-async def test_job_runs_as_the_account(resource, started):
-    account = nobody()
-    assert account is not None
-    # Under /tmp, not tmp_path: the account must be able to reach the directory.
-    workdir = Path(tempfile.mkdtemp(prefix="uws-local-"))
-    try:
-        request = LaunchRequest(
-            job_id=3, script="id -u > uid.txt\n", workdir=str(workdir),
-            account=ExternalAccount(username="nobody", uid=account.pw_uid),
-        )
-        state = await resource.wait(await launch(resource, started, request), WAIT_LIMIT_S)
-        assert state.status == "complete"
-        assert (workdir / "uid.txt").read_text().strip() == str(account.pw_uid)
-        assert os.stat(workdir).st_uid == account.pw_uid
+        await env.resource.stop(handle, 1.0)
+        state = await env.resource.poll(handle)
+        assert (state.status, state.exit_code) == ("failed", 143)  # the real, TERMed end
+        assert state.core_hours < 1 / 60  # from the server's start, one CPU: not its 1000
+        assert is_running(victim.pid)
     finally:
-        shutil.rmtree(workdir)
+        victim.kill()
+        victim.wait()
+
+
+# --- stopping and dying -------------------------------------------------------------------
+
+
+TREE_SCRIPT = """\
+setsid sleep 1000 & echo $! > setsid.pid
+nohup sleep 1000 > /dev/null 2>&1 & echo $! > nohup.pid
+bash -c 'sleep 1000 & echo $! > grandchild.pid; wait' &
+setsid bash -c 'trap "" TERM; sleep 1000 & echo $! > orphan.pid' &
+sleep 1000
+"""
+TREE_PIDS = ("setsid.pid", "nohup.pid", "grandchild.pid", "orphan.pid")
+
+
+async def test_stop_ends_the_whole_tree_even_what_left_the_group(env: Env):
+    handle = await env.launch(env.request(TREE_SCRIPT))
+    pids = await pids_written(env.workdir(1), *TREE_PIDS)
+    for name, pid in pids.items():
+        assert await eventually(lambda pid=pid: is_running(pid)), name
+        assert owner_uid(pid) == env.account.uid, name
+    # These left the job's group and session; the orphan's parent ended, and it was
+    # handed to the supervisor (a subreaper) rather than to init.
+    for name in ("setsid.pid", "orphan.pid"):
+        assert os.getpgid(pids[name]) != handle["pgid"] and os.getsid(pids[name]) != handle["id"]
+    assert await eventually(lambda: parent_pid(pids["orphan.pid"]) == handle["supervisor_pid"])
+
+    await env.resource.stop(handle, 5.0)
+    # The supervisor ended only once every process of the tree had: gone when stop returns.
+    assert [name for name, pid in pids.items() if is_running(pid)] == []
+    assert not is_running(handle["id"]) and not is_running(handle["supervisor_pid"])
+    state = await env.resource.poll(handle)
+    # The job's shell ended by the TERM; whether that is "failed" or "cancelled" for the
+    # user is the caller's decision.
+    assert (state.status, state.exit_code) == ("failed", 143)
+
+    await env.resource.stop(handle, 5.0)  # a second stop is quiet
+    assert (await env.resource.poll(handle)).exit_code == 143
+
+
+async def test_what_the_job_leaves_behind_ends_with_it(env: Env):
+    script = ("setsid bash -c 'trap \"\" TERM; exec sleep 1000' & echo $! > left.pid\n"
+              "nohup sleep 1000 > /dev/null 2>&1 & echo $! > nohup.pid\n"
+              "sleep 0.5\nexit 0\n")
+    handle = await env.launch(env.request(script))
+    pids = await pids_written(env.workdir(1), "left.pid", "nohup.pid")
+    state = await env.resource.wait(handle, WAIT_LIMIT_S)
+    assert (state.status, state.exit_code) == ("complete", 0)  # the job's own exit
+    assert [name for name, pid in pids.items() if is_running(pid)] == []
+
+
+async def test_term_to_the_supervisor_alone_reaches_the_job(env: Env):
+    script = "sleep 1000 &\necho $! > child.pid\nwait\n"
+    handle = await env.launch(env.request(script))
+    child = (await pids_written(env.workdir(1), "child.pid"))["child.pid"]
+    os.kill(handle["supervisor_pid"], signal.SIGTERM)
+    state = await env.resource.wait(handle, WAIT_LIMIT_S)
+    assert (state.status, state.exit_code) == ("failed", 143)
+    assert not is_running(handle["id"]) and not is_running(child)
+
+
+async def test_stop_kills_a_job_that_ignores_term(env: Env):
+    script = "trap '' TERM\nwhile :; do sleep 0.1; done\n"
+    handle = await env.launch(env.request(script))
+    began = time.monotonic()
+    await env.resource.stop(handle, 1.0)
+    assert time.monotonic() - began < GRACE_S + 4  # KILLed after the grace period
+    assert not is_running(handle["id"])
+    state = await env.resource.poll(handle)
+    assert (state.status, state.exit_code) == ("failed", 137)
+
+
+def processes_of(uid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid and is_running(int(entry.name)):
+                    found.append(int(entry.name))
+            except FileNotFoundError:
+                continue
+    return found
+
+
+async def test_stop_kills_a_tree_that_keeps_forking_and_ignores_term(env: Env):
+    # New processes keep appearing while the supervisor sweeps: each one must be found.
+    script = "trap '' TERM\nwhile :; do sleep 1000 & done\n"
+    handle = await env.launch(env.request(script))
+    assert await eventually(lambda: len(processes_of(env.account.uid)) >= 50)
+    began = time.monotonic()
+    await env.resource.stop(handle, 1.0)
+    # The supervisor itself finished (nobody had to KILL it), and nothing is left.
+    assert time.monotonic() - began < GRACE_S + 4
+    assert processes_of(env.account.uid) == []
+    assert (await env.resource.poll(handle)).exit_code == 137
+
+
+async def test_stop_of_an_ended_job_is_quiet(env: Env):
+    handle = await env.launch(env.request("exit 0\n"))
+    await env.resource.wait(handle, WAIT_LIMIT_S)
+    await env.resource.stop(handle, 1.0)
+    assert (await env.resource.poll(handle)).status == "complete"
+
+
+async def test_killed_supervisor_reads_failed_not_running(env: Env):
+    handle = await env.launch(env.request("sleep 1000\n"))
+    os.kill(handle["supervisor_pid"], signal.SIGKILL)
+    state = await env.resource.wait(handle, WAIT_LIMIT_S)
+    assert state.status == "failed"
+    assert state.exit_code is None
+    assert state.detail == "the job's supervisor ended without recording its end"
+    # Nothing of the job goes on without its supervisor.
+    assert await eventually(lambda: not group_exists(handle["pgid"]))
+    await env.resource.stop(handle, 1.0)  # quiet
+    assert (await env.resource.poll(handle)).status == "failed"
+
+
+async def test_a_reused_pid_is_never_ours(env: Env):
+    # A handle whose pids now name another process (here: this test) with other ticks.
+    state_dir = env.root / "local-jobs" / "77"
+    state_dir.mkdir(mode=0o700)
+    handle = {"id": os.getpid(), "pgid": os.getpgid(0), "job_ticks": -5,
+              "supervisor_pid": os.getpid(), "supervisor_ticks": -5,
+              "state_dir": str(state_dir), "workdir": str(env.workdir(77)), "job_id": 77,
+              "cpus": 1, "hostname": "127.0.0.1", "started_at": time.time()}
+    assert (await env.resource.poll(handle)).status == "failed"
+    began = time.monotonic()
+    assert (await env.resource.wait(handle, WAIT_LIMIT_S)).status == "failed"
+    assert time.monotonic() - began < 5
+    await env.resource.stop(handle, 0.1)  # must not signal us: we are still here to assert
+    assert is_running(os.getpid())
+
+
+# --- sessions -----------------------------------------------------------------------------
+
+
+async def test_session_endpoint_is_decided_by_the_resource(env: Env):
+    endpoint = env.resource.session_endpoint(21, env.account)
+    directory = env.root / "sessions" / "21"
+    assert endpoint.socket_path == str(directory / "session.sock")
+    assert endpoint.token_file == str(directory / "token")
+    assert endpoint.owner_uid == env.account.uid
+    assert not directory.exists()  # no I/O
+    with pytest.raises(BackendError):  # only a user's own account may hold a session
+        env.resource.session_endpoint(21, ExternalAccount(username="root", uid=0, gid=0))
+
+    prepared = await env.resource.prepare_session(21, env.account)
+    assert prepared == endpoint
+    info = directory.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (
+        env.account.uid, env.account.gid, 0o700)
+    token_file = Path(endpoint.token_file)
+    info = token_file.lstat()
+    assert stat.S_ISREG(info.st_mode)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (env.account.uid, 0o600)
+    token = token_file.read_text()
+    assert len(token) == 48 and int(token, 16) >= 0
+    # A retried preparation starts clean, with a new secret.
+    (directory / "planted").write_text("x")
+    assert await env.resource.prepare_session(21, env.account) == endpoint
+    assert sorted(p.name for p in directory.iterdir()) == ["token"]
+    assert token_file.read_text() != token
+
+
+async def test_the_session_is_the_jobs_and_nobody_elses(env: Env, stranger: ExternalAccount):
+    endpoint = await env.resource.prepare_session(22, env.account)
+    token = Path(endpoint.token_file).read_text()
+    serve = (f"import socket; s = socket.socket(socket.AF_UNIX); "
+             f"s.bind({endpoint.socket_path!r}); s.listen()")
+    script = (f"cat {endpoint.token_file} > token.txt\n"
+              f"{sys.executable} -c {shlex.quote(serve)}\n"
+              f"ls -l {endpoint.socket_path} > socket.txt\n"
+              "exit 0\n")
+    handle = await env.launch(env.request(script, 22))
+    state = await env.resource.wait(handle, WAIT_LIMIT_S)
+    workdir = env.workdir(22)
+    assert state.status == "complete", job_log(workdir)
+    assert (workdir / "token.txt").read_text() == token
+    assert (workdir / "socket.txt").read_text().startswith("s")  # it could listen there
+    # Once the job has ended, its session's directory is gone.
+    assert not Path(endpoint.socket_path).parent.exists()
+
+    # Another user's job can neither read a session's token nor look into the directory.
+    other = await env.resource.prepare_session(23, env.account)
+    stranger_ws = env.root / "stranger"
+    stranger_ws.mkdir(mode=0o700)
+    os.chown(stranger_ws, stranger.uid, stranger.gid)  # type: ignore[arg-type]
+    sessions = env.root / "sessions"
+    script = (f"cat {other.token_file} > stolen.txt 2> cat.err\n"
+              f"ls {sessions / '23'} 2> ls-session.err\n"
+              f"ls {sessions} 2> ls-sessions.err\n"
+              "exit 0\n")
+    request = LaunchRequest(job_id=24, script=script, workdir=str(stranger_ws / "job"),
+                            account=stranger)
+    state = await env.resource.wait(await env.launch(request), WAIT_LIMIT_S)
+    out = stranger_ws / "job"
+    assert state.status == "complete", job_log(out)
+    assert (out / "stolen.txt").read_text() == ""
+    for name in ("cat.err", "ls-session.err", "ls-sessions.err"):
+        assert "Permission denied" in (out / name).read_text(), name
+    assert Path(other.token_file).exists()  # the other session is untouched
+
+
+async def test_stop_removes_the_session(env: Env):
+    endpoint = await env.resource.prepare_session(25, env.account)
+    handle = await env.launch(env.request("sleep 1000\n", 25))
+    assert Path(endpoint.token_file).exists()
+    await env.resource.stop(handle, 1.0)
+    assert not Path(endpoint.token_file).parent.exists()

@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import secrets
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
-from temporalio.worker import Worker
 
-from controllers.base import ExternalAccount, JobContext, JobState, LaunchRequest, UserInfo
+from controllers.base import JobContext, JobState, LaunchRequest, UserInfo
 from controllers.job_types.local_test import LocalTestJob
 from controllers.resources.local import LocalResource
-from db.accounts import upsert_user
+from db.accounts import account_of, upsert_user
 from db.tables import Job, Workspace
 from tests.conftest import eventually
 from tests.replay.recording import maybe_record
-from worker import WORKFLOWS, activities_for
+from worker import build_worker
 from workflows.job import JobWorkflow
 from workflows.models import JobContinuation, JobInput, JobRunState, StopRequest
 
@@ -82,13 +83,22 @@ def _with_failing_job(controllers):
                                job_types={**controllers.job_types, "failing_job": failing})
 
 
+@pytest.fixture(autouse=True)
+async def prepared(controllers) -> None:
+    """What the worker does at start-up (the resource's state and sessions directories);
+    these tests run their own workers, and may run before anything else prepared them."""
+    await controllers.prepare()
+
+
 async def _job(controllers, job_type: str = "local_test_job") -> tuple[int, int, int, Path]:
+    """A user (with their own OS account, as a sign-in makes it), a workspace of theirs and
+    a job row; the job's workdir."""
     storage = controllers.main_storage
     user_id = await upsert_user(UserInfo(username=f"wf{secrets.token_hex(4)}", email="w@x"))
+    account = await account_of(user_id, controllers.storage_auth)
     ws = (await Workspace.insert(Workspace(user=user_id, name="wf", status="active",
                                            storage_name=storage.name))
           .returning(Workspace.id))[0]["id"]
-    account = ExternalAccount(username="wf-tests")
     path = storage.workspace_path(account, ws)
     await Workspace.update({Workspace.file_path: path}).where(Workspace.id == ws)
     await storage.create_workspace(path, account)
@@ -107,8 +117,7 @@ async def _run(client: Client, controllers, *, job_type: str = "local_test_job",
                    resource_name=controllers.config.main_resource,
                    time_limit_min=time_limit_min, resource_options={"num_cpus": 2},
                    job_details={"duration_seconds": duration})
-    async with Worker(client, task_queue=queue, workflows=WORKFLOWS,
-                      activities=activities_for(controllers, client)):
+    async with build_worker(client, controllers, queue, shutdown_seconds=0):
         handle = await client.start_workflow(
             JobWorkflow.run, JobContinuation(inp=inp, state=JobRunState()),
             id=f"job-test-{uuid.uuid4()}", task_queue=queue)
@@ -131,10 +140,14 @@ async def _status_is(job_id: int, status: str) -> bool:
 
 async def test_job_completes(temporal_env, controllers, engine) -> None:
     result, row, workdir = await _run(temporal_env.client, controllers, record_as="job_complete")
-    assert result == "complete" and row["status"] == "complete"
+    assert result == "complete" and row["status"] == "complete", row["job_details"]
     assert row["resource_job_id"] > 0 and row["datetime_start"] and row["datetime_end"]
     assert 0 < row["core_hours"] < 2 * 30 / 3600  # 2 CPUs for about a second
-    assert (workdir / "test_job_output.txt").read_text().count("started") == 1
+    output = workdir / "test_job_output.txt"
+    assert output.read_text().count("started") == 1
+    # It ran as the user's own account, never as the worker's.
+    account = await account_of(row["user"], controllers.storage_auth)
+    assert output.stat().st_uid == account.uid not in (0, os.geteuid())
 
 
 async def test_job_stopped_by_user(temporal_env, controllers, engine) -> None:
@@ -144,14 +157,14 @@ async def test_job_stopped_by_user(temporal_env, controllers, engine) -> None:
 
     result, row, _ = await _run(temporal_env.client, controllers, duration=600, during=stop,
                                 record_as="job_stopped")
-    assert result == "complete"
+    assert result == "complete", row["job_details"]
     assert row["datetime_end"] is not None
 
 
 async def test_job_stopped_by_time_limit(temporal_env, controllers, engine) -> None:
     result, row, _ = await _run(temporal_env.client, controllers, duration=600,
                                 time_limit_min=0.05, record_as="job_time_limit")
-    assert result == "complete"
+    assert result == "complete", row["job_details"]
     assert "Time limit reached." in row["job_details"]
 
 
@@ -174,7 +187,7 @@ async def test_unreachable_resource_is_not_an_ended_job(temporal_env, controller
 
     result, row, _ = await _run(temporal_env.client, swapped, duration=2, during=cut_the_link,
                                 record_as="job_unreachable")
-    assert result == "complete" and row["status"] == "complete"
+    assert result == "complete" and row["status"] == "complete", row["job_details"]
     assert resource.unknown_answers > 0
 
 
@@ -185,7 +198,7 @@ async def test_launch_retried_after_crash_starts_one_process(
     result, row, workdir = await _run(temporal_env.client, swapped,
                                       record_as="job_launch_retried")
     assert CrashAfterLaunch.attempts == 2
-    assert result == "complete" and row["status"] == "complete"
+    assert result == "complete" and row["status"] == "complete", row["job_details"]
     assert (workdir / "test_job_output.txt").read_text().count("started") == 1
 
 
@@ -196,8 +209,7 @@ async def test_idle_session_is_stopped_with_its_reason(temporal_env, controllers
                    resource_name=controllers.config.main_resource, time_limit_min=10,
                    job_details={"duration_seconds": 600}, idle_timeout_min=0.05)
     client = temporal_env.client
-    async with Worker(client, task_queue=queue, workflows=WORKFLOWS,
-                      activities=activities_for(controllers, client)):
+    async with build_worker(client, controllers, queue, shutdown_seconds=0):
         handle = await client.start_workflow(
             JobWorkflow.run, JobContinuation(inp=inp, state=JobRunState()),
             id=f"job-test-{uuid.uuid4()}", task_queue=queue)

@@ -10,7 +10,6 @@ import uuid
 from pathlib import Path
 
 from temporalio.client import Client
-from temporalio.worker import Worker
 
 from controllers.base import ExternalAccount, FileSpec, SymlinkSpec, UserInfo
 from controllers.storage.local_fs import LocalFileSystemStorage
@@ -18,7 +17,7 @@ from db.accounts import upsert_user
 from db.tables import SharedWorkspaceMapping, Workspace
 from tests.conftest import dataset_dir, eventually
 from tests.replay.recording import maybe_record
-from worker import WORKFLOWS, activities_for
+from worker import build_worker
 from workflows.models import ShareInput
 from workflows.share import ShareWorkspaceWorkflow
 
@@ -79,8 +78,7 @@ async def _share(controllers, files: int = 12) -> tuple[int, int, Path, Path]:
 async def _start(client: Client, controllers, original: int, copy: int,
                  expiry: float = 3600):
     queue = f"share-{uuid.uuid4()}"
-    worker = Worker(client, task_queue=queue, workflows=WORKFLOWS,
-                    activities=activities_for(controllers, client))
+    worker = build_worker(client, controllers, queue, shutdown_seconds=0)
     handle = await client.start_workflow(
         ShareWorkspaceWorkflow.run,
         ShareInput(shared_workspace_id=copy, original_workspace_id=original,

@@ -7,15 +7,13 @@ import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from temporalio.worker import Worker
-
 from controllers.base import UserInfo
 from core.schedules import RECONCILE_SCHEDULE, USAGE_SCHEDULE, ensure_schedules
 from db import quotas
 from db.accounts import upsert_user
 from db.tables import Job, UserQuota, Workspace
 from tests.conftest import eventually
-from worker import WORKFLOWS, activities_for
+from worker import build_worker
 
 
 async def test_schedules_reconcile_orphans_and_recompute_usage(
@@ -38,8 +36,7 @@ async def test_schedules_reconcile_orphans_and_recompute_usage(
     prefix = f"test-{uuid.uuid4().hex[:8]}-"
     await ensure_schedules(client, queue, controllers.config, prefix=prefix)
     await ensure_schedules(client, queue, controllers.config, prefix=prefix)  # idempotent
-    async with Worker(client, task_queue=queue, workflows=WORKFLOWS,
-                      activities=activities_for(controllers, client)):
+    async with build_worker(client, controllers, queue, shutdown_seconds=0):
         await client.get_schedule_handle(prefix + RECONCILE_SCHEDULE).trigger()
 
         async def orphan_failed():

@@ -7,13 +7,12 @@ import uuid
 from pathlib import Path
 
 from temporalio.client import Client
-from temporalio.worker import Worker
 
 from controllers.base import UserInfo
 from db.accounts import upsert_user
 from db.tables import Workspace
 from tests.replay.recording import maybe_record
-from worker import WORKFLOWS, activities_for
+from worker import build_worker
 from workflows.models import DeleteWorkspaceInput
 from workflows.workspace_delete import DeleteWorkspaceWorkflow
 
@@ -29,8 +28,7 @@ async def _workspace(path: str, storage: str) -> int:
 
 async def _run(client: Client, controllers, workspace_id: int, record_as: str):
     queue = f"delete-{uuid.uuid4()}"
-    async with Worker(client, task_queue=queue, workflows=WORKFLOWS,
-                      activities=activities_for(controllers, client)):
+    async with build_worker(client, controllers, queue, shutdown_seconds=0):
         handle = await client.start_workflow(
             DeleteWorkspaceWorkflow.run, DeleteWorkspaceInput(workspace_id=workspace_id),
             id=f"test-delete-{uuid.uuid4()}", task_queue=queue)

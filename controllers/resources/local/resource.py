@@ -130,11 +130,14 @@ class LocalResource(ComputeResource):
     async def prepare(self) -> None:
         await asyncio.to_thread(self._prepare)
 
-    def _prepare(self) -> None:
+    def _ensure_roots(self) -> None:
         for parent in {self._state_root.parent, self._sessions_root.parent}:
             parent.mkdir(parents=True, exist_ok=True)
         _private_dir(self._state_root, 0o700)
         _private_dir(self._sessions_root, 0o711)  # traversable: each session's dir is 0700
+
+    def _prepare(self) -> None:
+        self._ensure_roots()
         longest = len(str(self._sessions_root / ("9" * 12) / SESSION_SOCKET))
         if longest > MAX_SOCKET_PATH:
             raise RuntimeError(f"sessions_dir {self._sessions_root} is too long for a Unix "
@@ -168,6 +171,7 @@ class LocalResource(ComputeResource):
         """A fresh 0700 directory owned by the job's account, holding the session's token.
         Everything is written while the directory is still the service's, then handed over."""
         uid, gid, _ = self._run_as(account)
+        self._ensure_roots()
         directory = self._sessions_root / str(job_id)
         shutil.rmtree(directory, ignore_errors=True)  # a retried prepare: start clean
         os.mkdir(directory, 0o700)
@@ -196,6 +200,7 @@ class LocalResource(ComputeResource):
 
     def _launch_locked(self, request: LaunchRequest) -> dict[str, Any]:
         state = self._state_root / str(request.job_id)
+        self._ensure_roots()  # prepare() made them, unless something removed them since
         _private_dir(state, 0o700)
         lock = os.open(state / LAUNCH_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
                        | os.O_CLOEXEC, 0o600)
@@ -310,6 +315,26 @@ class LocalResource(ComputeResource):
             "cpus": cpus, "hostname": self.settings.hostname,
             "started_at": float(started["started_at"]),
         }
+
+    async def abandon(self, job_id: int, workdir: str, account: ExternalAccount) -> None:
+        state = self._state_root / str(job_id)
+        if not state.is_dir():
+            return
+        # Under the launch lock: a launch still running in a thread finishes first.
+        started = await asyncio.to_thread(self._started_under_lock, state)
+        if started is not None:
+            request = LaunchRequest(job_id=job_id, script="", workdir=workdir, account=account)
+            await self.stop(self._handle(request, state, started, 1), 0.0)
+
+    @staticmethod
+    def _started_under_lock(state: Path) -> dict[str, Any] | None:
+        lock = os.open(state / LAUNCH_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _read_json(state / STARTED)
+        finally:
+            os.close(lock)
 
     # poll / wait -------------------------------------------------------------------------
 

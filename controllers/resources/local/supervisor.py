@@ -83,6 +83,14 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+def _oom_score_adj(value: int) -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError:
+        pass  # not root (personal mode): the kernel's defaults stand
+
+
 def signal_all(sig: int) -> None:
     for pid in descendants(os.getpid()):
         try:
@@ -121,6 +129,7 @@ def run_job(spec: dict, report: int) -> None:
     """In the forked child: become the job. Never returns."""
     try:
         os.setsid()
+        _oom_score_adj(0)
         if spec["switch_user"]:
             os.initgroups(spec["username"], spec["gid"])  # that account's groups only
             os.setgid(spec["gid"])
@@ -167,6 +176,8 @@ def supervise(state_dir: str) -> int:
         os._exit(0)  # the launcher's child: the worker waits only for this
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # The OOM killer takes a job's process, never the supervisor holding its tree together.
+    _oom_score_adj(-1000)
     ended_path = os.path.join(state_dir, "ended.json")
     if spec["isolate_network"]:
         try:

@@ -22,7 +22,14 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field, model_validator
 
-from controllers.base import ComputeResource, Health, JobState, LaunchRequest, PluginSettings
+from controllers.base import (
+    ComputeResource,
+    ExternalAccount,
+    Health,
+    JobState,
+    LaunchRequest,
+    PluginSettings,
+)
 from controllers.errors import BackendError, InvalidRequest
 from controllers.resources.slurm.adapter import (
     INVALID_JOB_ID,
@@ -207,6 +214,9 @@ class SlurmResource(ComputeResource):
             # Errors beside a job id (an unsatisfiable request, say) still mean a job exists:
             # keep it, so it is watched and can be stopped, and say why it may not start.
             body = _body_with_job_id(err)
+            if body is None and _refused_for_good(err):
+                raise InvalidRequest(f"Slurm refused the job: {_descriptions(err)}",
+                                     log_message=str(err)) from err
             if body is None:
                 raise BackendError("The job could not be submitted to Slurm.",
                                    log_message=str(err)) from err
@@ -368,6 +378,11 @@ class SlurmResource(ComputeResource):
             await asyncio.sleep(self.s.stop_poll_seconds)
         await self._delete(path, user, None)
 
+    async def abandon(self, job_id: int, workdir: str, account: ExternalAccount) -> None:
+        found = await self._find(self.job_name(job_id), account.username, workdir)
+        if found is not None:
+            await self._delete(self.adapter.job_path(found.job_id), account.username, None)
+
     async def _delete(self, path: str, user: str, params: dict[str, str] | None) -> bool:
         """False when Slurm does not know the job (already gone)."""
         try:
@@ -390,6 +405,18 @@ class SlurmResource(ComputeResource):
             return Health(ok=False, detail=f"slurmrestd: {err}"[:300])
         up = self.adapter.ping_ok(body)
         return Health(ok=up, detail="" if up else "slurmctld is not UP")
+
+
+def _refused_for_good(err: SlurmApiError) -> bool:
+    """Slurm itself judged the request (an invalid partition, more CPUs than any node):
+    its ESLURM_* errors (2000-3999). Communication and protocol errors (1000s, 5000s) and
+    answers without an error number may pass on a retry."""
+    return bool(err.numbers) and all(2000 <= n < 4000 for n in err.numbers)
+
+
+def _descriptions(err: SlurmApiError) -> str:
+    texts = [str(e.get("description") or e.get("error") or "") for e in err.errors]
+    return "; ".join(t for t in texts if t)[:300] or str(err)
 
 
 def _body_with_job_id(err: SlurmApiError) -> dict[str, Any] | None:

@@ -73,10 +73,12 @@ def _check(value: Any, max_depth: int, surrogates: bool) -> None:
             raise BadRequest(LONE_SURROGATE)
 
 
-async def json_body(request: Request[Any, Any, Any]) -> Any:
-    """The parsed JSON body, or ``None`` for an empty one."""
+async def json_body(request: Request[Any, Any, Any], *, empty_ok: bool = True) -> Any:
+    """The parsed JSON body; an empty one is ``None`` when ``empty_ok``, else the parser's
+    400 like any unparseable body (the contract's workspace and share endpoints:
+    ``Invalid JSON: Expecting value: line 1 column 1 (char 0)``)."""
     raw = await request.body()
-    if not raw.strip():
+    if empty_ok and not raw.strip():
         return None
     return parse_json(raw, app_state(request).settings.max_json_depth)
 

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+from litestar.connection import ASGIConnection
 
 from db.queries import as_json
 
@@ -40,7 +41,33 @@ def workspace_json(row: Any) -> dict[str, Any]:
     }
 
 
-def job_json(row: dict[str, Any]) -> dict[str, Any]:
+def origin_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """``scheme://host[:port][/root path]`` the client reached this API at (a WebSocket's
+    ``ws``/``wss`` as the ``http``/``https`` a browser opens a session link with)."""
+    base = connection.base_url
+    scheme = {"ws": "http", "wss": "https"}.get(base.scheme, base.scheme)
+    return f"{scheme}://{base.netloc}{base.path.rstrip('/')}"
+
+
+def with_url_domain(current: Any, origin: str | None) -> Any:
+    """``current_job_details`` whose ``connection_details.url_domain`` is empty (the
+    resource's ``passthrough_domain`` unset) given ``origin``: the worker that wrote it
+    cannot know the address the client uses, the API answering that client does."""
+    if not origin or not isinstance(current, dict):
+        return current
+    connection = current.get("connection_details")
+    if not isinstance(connection, dict) or connection.get("url_domain"):
+        return current
+    return {**current, "connection_details": {**connection, "url_domain": origin}}
+
+
+def job_json(row: dict[str, Any], origin: str | None = None) -> dict[str, Any]:
+    """A job row as the contract's job; ``origin`` (see :func:`origin_of`) fills an unset
+    session ``url_domain``."""
+    details = as_json(row["job_details"])
+    if isinstance(details, dict) and "current_job_details" in details:
+        details = {**details, "current_job_details":
+                   with_url_domain(details["current_job_details"], origin)}
     return {
         "id": row["id"],
         "workspace_id": row["workspace"],
@@ -51,7 +78,7 @@ def job_json(row: dict[str, Any]) -> dict[str, Any]:
         "datetime_start": iso(row["datetime_start"]),
         "datetime_end": iso(row["datetime_end"]),
         "core_hours": row["core_hours"],
-        "job_details": as_json(row["job_details"]),
+        "job_details": details,
     }
 
 

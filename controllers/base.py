@@ -71,6 +71,11 @@ class UserInfo(BaseModel):
     email: str
     first_name: str = ""
     last_name: str = ""
+    # Who the identity provider says this is, for methods backed by one: the account is
+    # bound to (issuer, subject), never to the username, which a provider may let its users
+    # choose or reassign. ``None`` where a trusted client vouches for the username.
+    issuer: str | None = None
+    subject: str | None = None
 
 
 class ExternalAccount(BaseModel):

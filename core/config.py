@@ -48,7 +48,9 @@ class ResourceConfig(_Strict):
     resource_type: str
     storage: str
     user_authentication: str
-    passthrough_domain: str
+    # Where browsers open sessions (a session link's url_domain). Unset: the address each
+    # client reached the API at, filled in by the API (the worker cannot know it).
+    passthrough_domain: str = ""
     connection_details: dict[str, Any] = Field(default_factory=dict)
     parameter_mapping: dict[str, str] = Field(default_factory=dict)
 

@@ -1,14 +1,40 @@
-"""Users, groups, tokens and external accounts."""
+"""Users, groups, tokens and external accounts.
+
+A sign-in method backed by an identity provider names the identity by (issuer, subject);
+the user it belongs to is found by that pair, kept under ``"identity"`` in the
+external-user mapping's details (unique per sign-in method, migration
+``2026-12-11T09:00:00``). The provider's username only names a new account, and only when
+no other account has it: a provider may let its users pick or reuse usernames, and the
+username alone would hand them somebody else's account.
+"""
 
 from __future__ import annotations
 
+import json
 import secrets
+from typing import Any
 
 from controllers.base import AuthMethod, ExternalAccount, UserInfo
 from db.queries import as_json
 from db.tables import ExternalUserMapping, GroupMembership, PersonalOwner, Token, User
 
 API_CLIENTS_GROUP = "api_clients"
+IDENTITY = "identity"
+# First sign-ins of identities take this transaction-level advisory lock, so the check that
+# a username is free and its claim cannot interleave with another's.
+_SIGN_IN_LOCK = 0x75777369676E  # "uwsign"
+
+
+class UsernameUnavailable(Exception):
+    """A sign-in names a username that another account holds, or an api client's."""
+
+    def __init__(self, username: str, *, reserved: bool) -> None:
+        self.reserved = reserved
+        self.message = (
+            f"The username {username} is reserved." if reserved else
+            f"The username {username} is already used by another account. Sign in with the "
+            "identity that created it, or ask an administrator to link or rename it.")
+        super().__init__(self.message)
 
 
 def new_key() -> str:
@@ -60,26 +86,128 @@ async def add_to_group(user_id: int, group: str) -> None:
         await GroupMembership.insert(GroupMembership(user=user_id, group_name=group))
 
 
-async def save_external_account(user_id: int, auth_name: str, account: ExternalAccount) -> None:
-    details = account.model_dump()
-    updated = await ExternalUserMapping.update(
-        {
-            ExternalUserMapping.external_username: account.username,
-            ExternalUserMapping.external_user_id: str(account.uid or ""),
-            ExternalUserMapping.external_user_details: details,
-        }
-    ).where(
-        (ExternalUserMapping.user == user_id)
-        & (ExternalUserMapping.user_authentication_name == auth_name)
-    ).returning(ExternalUserMapping.id)
-    if not updated:
-        await ExternalUserMapping.insert(
-            ExternalUserMapping(
-                user=user_id, user_authentication_name=auth_name,
-                external_username=account.username, external_user_id=str(account.uid or ""),
-                external_user_details=details,
-            )
-        )
+async def save_external_account(user_id: int, auth_name: str, account: ExternalAccount,
+                                conn: Any = None) -> None:
+    """Record the user's account under ``auth_name``, keeping the identity bound to it."""
+    if conn is None:
+        async with ExternalUserMapping._meta.db.transaction() as tx:
+            await _save_mapping(tx.connection, user_id, auth_name, account, None)
+    else:
+        await _save_mapping(conn, user_id, auth_name, account, None)
+
+
+async def _save_mapping(conn: Any, user_id: int, auth_name: str, account: ExternalAccount,
+                        identity: tuple[str, str] | None) -> None:
+    """The mapping row of (user, auth_name): ``identity`` (issuer, subject) stored with the
+    account when given, else the one already stored kept."""
+    details: dict[str, Any] = account.model_dump()
+    if identity is not None:
+        details[IDENTITY] = {"issuer": identity[0], "subject": identity[1]}
+    args = (user_id, auth_name, account.username, str(account.uid or ""), json.dumps(details))
+    updated = await conn.fetchval(
+        "UPDATE uws_external_user_mapping SET external_username = $3, external_user_id = $4, "
+        "external_user_details = $5::jsonb || jsonb_strip_nulls(jsonb_build_object("
+        "'identity', CASE WHEN $5::jsonb ? 'identity' THEN NULL "
+        "ELSE external_user_details->'identity' END)) "
+        'WHERE "user" = $1 AND user_authentication_name = $2 RETURNING id', *args)
+    if updated is None:
+        await conn.execute(
+            "INSERT INTO uws_external_user_mapping (\"user\", user_authentication_name, "
+            "external_username, external_user_id, external_user_details) "
+            "VALUES ($1, $2, $3, $4, $5::jsonb)", *args)
+
+
+_BOUND = (
+    'SELECT u.id, u.username FROM uws_external_user_mapping m JOIN uws_user u ON u.id = m."user" '
+    "WHERE (m.external_user_details->'identity') IS NOT NULL "
+    "AND m.external_user_details->'identity'->>'issuer' = $1 "
+    "AND m.external_user_details->'identity'->>'subject' = $2 LIMIT 1"
+)
+_HOLDER = (
+    "SELECT u.id, "
+    'EXISTS (SELECT 1 FROM uws_group_membership g WHERE g."user" = u.id '
+    "AND g.group_name = $3) AS api_client, "
+    'EXISTS (SELECT 1 FROM uws_external_user_mapping m WHERE m."user" = u.id '
+    "AND (m.external_user_details->'identity') IS NOT NULL) AS bound, "
+    'EXISTS (SELECT 1 FROM uws_external_user_mapping m WHERE m."user" = u.id '
+    "AND m.user_authentication_name = $2) AS mapped_here "
+    "FROM uws_user u WHERE u.username = $1"
+)
+
+
+async def _holder_of(conn: Any, username: str, auth_name: str) -> int | None:
+    """The user that may take ``username`` for a new identity of ``auth_name``: ``None``
+    when nobody holds it; raises ``UsernameUnavailable`` when another account does."""
+    row = await conn.fetchrow(_HOLDER, username, auth_name, API_CLIENTS_GROUP)
+    if row is None:
+        return None
+    if row["api_client"]:
+        raise UsernameUnavailable(username, reserved=True)
+    # An account this method made before identities were recorded (no identity anywhere)
+    # is taken over by its next sign-in, once: else every existing user would be locked
+    # out by the upgrade. Anything else (a portal's user, another identity's) is not.
+    if row["bound"] or not row["mapped_here"]:
+        raise UsernameUnavailable(username, reserved=False)
+    return row["id"]
+
+
+async def claim_identity(info: UserInfo, auth_name: str) -> UserInfo:
+    """Check a sign-in before its account is made: ``info`` with the username of the user
+    its identity is bound to, else with its own username when that may be taken. Raises
+    ``UsernameUnavailable`` (an api client's name; another account's)."""
+    async with User._meta.db.transaction() as tx:
+        conn = tx.connection
+        if info.issuer is None or info.subject is None:
+            # A trusted client vouches for the username; an api client's is never handed out.
+            row = await conn.fetchrow(_HOLDER, info.username, auth_name, API_CLIENTS_GROUP)
+            if row is not None and row["api_client"]:
+                raise UsernameUnavailable(info.username, reserved=True)
+            return info
+        bound = await conn.fetchrow(_BOUND, info.issuer, info.subject)
+        if bound is None:
+            try:
+                await _holder_of(conn, info.username, auth_name)
+                return info
+            except UsernameUnavailable:
+                # Each statement sees what was committed before it: a concurrent first
+                # sign-in of this identity may have bound the username in between.
+                bound = await conn.fetchrow(_BOUND, info.issuer, info.subject)
+                if bound is None:
+                    raise
+        return info.model_copy(update={"username": bound["username"]})
+
+
+async def sign_in_user(info: UserInfo, auth_name: str, account: ExternalAccount) -> int:
+    """The user ``info`` (from ``claim_identity``) signs in as, created or bound now, with
+    ``account`` recorded as theirs under ``auth_name``."""
+    if info.issuer is None or info.subject is None:
+        user_id = await upsert_user(info)
+        await save_external_account(user_id, auth_name, account)
+        return user_id
+    identity = (info.issuer, info.subject)
+    async with User._meta.db.transaction() as tx:
+        conn = tx.connection
+        bound = await conn.fetchrow(_BOUND, *identity)
+        if bound is None:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _SIGN_IN_LOCK)
+            bound = await conn.fetchrow(_BOUND, *identity)  # a concurrent first sign-in
+        if bound is not None:
+            user_id = bound["id"]
+        else:
+            user_id = await _holder_of(conn, info.username, auth_name)
+            if user_id is None:
+                # ON CONFLICT: a portal's user of that name created since (not under our lock).
+                user_id = await conn.fetchval(
+                    "INSERT INTO uws_user (username, email, first_name, last_name, "
+                    "is_active, date_joined) VALUES ($1, '', '', '', true, now()) "
+                    "ON CONFLICT (username) DO NOTHING RETURNING id", info.username)
+                if user_id is None:
+                    raise UsernameUnavailable(info.username, reserved=False)
+        await conn.execute(
+            "UPDATE uws_user SET email = $2, first_name = $3, last_name = $4 WHERE id = $1",
+            user_id, info.email, info.first_name, info.last_name)
+        await _save_mapping(conn, user_id, auth_name, account, identity)
+    return user_id
 
 
 async def external_account(user_id: int, auth_name: str) -> ExternalAccount | None:

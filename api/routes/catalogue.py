@@ -9,6 +9,7 @@ from typing import Any
 from litestar import Controller, Request, get
 
 from api.state import app_state
+from controllers.base import Plugin
 
 
 def _version() -> str:
@@ -49,20 +50,42 @@ class CatalogueRoutes(Controller):
 
     @get("/status/", operation_id="getStatus")
     async def get_status(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
-        """Version and the health of every configured controller and service."""
+        """Version and the health of every configured controller and service, in the
+        reference's sections (status dashboards parse them), each health
+        ``{"connected": bool, "message": str}``; ``job_types``, ``database`` and
+        ``temporal`` are our own, beside them."""
         state = app_state(request)
-        plugins = state.controllers.all()
-        healths = await asyncio.gather(*(p.health() for p in plugins), return_exceptions=True)
-        deps: dict[str, Any] = {}
-        for plugin, health in zip(plugins, healths, strict=True):
-            if isinstance(health, BaseException):
-                deps[f"{plugin.kind}:{plugin.name}"] = {"ok": False, "detail": str(health)}
-            else:
-                deps[f"{plugin.kind}:{plugin.name}"] = health.model_dump()
-        deps["database"] = await _database_health()
-        deps["temporal"] = await _temporal_health(state)
+        ctl = state.controllers
+        sections: dict[str, dict[str, Plugin]] = {
+            "resources": ctl.resources, "storage_methods": ctl.storage,
+            "user_authentication_methods": ctl.auth, "job_types": ctl.job_types,
+        }
+        # Each plugin is checked once, even where it also stands as main or api method.
+        plugins = {id(p): p for group in sections.values() for p in group.values()}
+        checked = await asyncio.gather(*(_plugin_health(p) for p in plugins.values()))
+        health = dict(zip(plugins, checked, strict=True))
+        deps: dict[str, Any] = {
+            "main_resource": health[id(ctl.main_resource)],
+            "api_user_authentication": health[id(ctl.api_auth)],
+        }
+        for section, group in sections.items():
+            deps[section] = {name: health[id(p)] for name, p in group.items()}
+        deps["database"], deps["temporal"] = await asyncio.gather(
+            _database_health(), _temporal_health(state))
         return {"success": True, "message": "", "version": _version(), "build": _version(),
                 "dependencies": deps}
+
+
+def _health(connected: bool, message: str) -> dict[str, Any]:
+    return {"connected": connected, "message": message}
+
+
+async def _plugin_health(plugin: Plugin) -> dict[str, Any]:
+    try:
+        health = await plugin.health()
+    except Exception as exc:  # one broken plugin must not hide the others' health
+        return _health(False, str(exc) or type(exc).__name__)
+    return _health(health.ok, health.detail)
 
 
 async def _database_health() -> dict[str, Any]:
@@ -70,14 +93,14 @@ async def _database_health() -> dict[str, Any]:
 
     try:
         await asyncio.wait_for(User.raw("SELECT 1"), timeout=3)
-        return {"ok": True, "detail": ""}
+        return _health(True, "")
     except Exception as exc:
-        return {"ok": False, "detail": str(exc) or type(exc).__name__}
+        return _health(False, str(exc) or type(exc).__name__)
 
 
 async def _temporal_health(state: Any) -> dict[str, Any]:
     try:
         await asyncio.wait_for(state.temporal.service_client.check_health(), timeout=3)
-        return {"ok": True, "detail": state.settings.resolved_temporal_address}
+        return _health(True, state.settings.resolved_temporal_address)
     except Exception as exc:
-        return {"ok": False, "detail": str(exc) or type(exc).__name__}
+        return _health(False, str(exc) or type(exc).__name__)

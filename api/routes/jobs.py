@@ -14,7 +14,7 @@ from api.errors import BadRequest, NotFound
 from api.ids import parse_id
 from api.job_timeline import job_timeline
 from api.responses import JSON_OBJECT, json_response
-from api.serializers import job_json
+from api.serializers import job_json, origin_of
 from api.session_links import with_ticket
 from api.state import app_state
 from api.workflow_ops import signal_stop
@@ -35,8 +35,9 @@ def _not_found(job_id: Any) -> NotFound:
 
 def _listing(request: Request[Any, Any, Any], rows: list[dict[str, Any]]) -> Response[bytes]:
     state, user = app_state(request), current_user(request)
-    jobs = [with_ticket(job_json(r), user.id, state.secret_key, state.settings.ticket_seconds)
-            for r in rows]
+    origin = origin_of(request)
+    jobs = [with_ticket(job_json(r, origin), user.id, state.secret_key,
+                        state.settings.ticket_seconds) for r in rows]
     message = "Successful." if jobs else "Job matching given parameters could not be found."
     return json_response({"success": True, "message": message, "data": {"jobs": jobs}})
 

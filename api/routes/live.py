@@ -22,6 +22,7 @@ from api.errors import NotAuthenticated
 from api.ids import parse_id
 from api.live_status import RESYNC, Subscription
 from api.metrics import WEBSOCKET_SUBSCRIBERS
+from api.serializers import origin_of, with_url_domain
 from db.queries import as_json
 from db.tables import ACTIVE_JOB_STATUSES, Job
 
@@ -40,13 +41,14 @@ async def _socket_user(socket: WebSocket[Any, Any, Any]) -> AuthUser | None:
         return None
 
 
-def _event(row: dict[str, Any]) -> dict[str, Any]:
+def _event(row: dict[str, Any], origin: str) -> dict[str, Any]:
     details = as_json(row["job_details"])
     return {"id": row["id"], "workspace_id": row["workspace"], "status": row["status"],
-            "current_job_details": details.get("current_job_details", {})}
+            "current_job_details": with_url_domain(details.get("current_job_details", {}),
+                                                   origin)}
 
 
-async def _current(user: AuthUser, job_id: int | None,
+async def _current(user: AuthUser, job_id: int | None, origin: str,
                    shown: set[int] | None = None) -> list[dict[str, Any]]:
     """The job, or all active jobs plus those in ``shown`` (the ones this socket told of
     before: after a resync, a job that ended meanwhile must show its end, not vanish)."""
@@ -58,7 +60,7 @@ async def _current(user: AuthUser, job_id: int | None,
         if shown:
             wanted = wanted | Job.id.is_in(list(shown))
         rows = await Job.select(*columns).where((Job.user == user.id) & wanted).order_by(Job.id)
-    return [_event(r) for r in rows]
+    return [_event(r, origin) for r in rows]
 
 
 async def _serve(socket: WebSocket[Any, Any, Any], job_id: int | None, raw_id: str) -> None:
@@ -70,21 +72,22 @@ async def _serve(socket: WebSocket[Any, Any, Any], job_id: int | None, raw_id: s
     bus = socket.app.state.uws.bus
     sub: Subscription = bus.subscribe(user.id, job_id)
     WEBSOCKET_SUBSCRIBERS.inc()
+    origin = origin_of(socket)  # the session links' url_domain when config leaves it unset
     try:
-        current = await _current(user, job_id)
+        current = await _current(user, job_id, origin)
         if job_id is not None and not current:
             await socket.close(code=CLOSE_NOT_FOUND, reason=f"Job {raw_id} not found for user.")
             return
         for event in current:
             await socket.send_json(event)
-        await _pump(socket, sub, user, job_id, {e["id"] for e in current})
+        await _pump(socket, sub, user, job_id, origin, {e["id"] for e in current})
     finally:
         bus.unsubscribe(sub)
         WEBSOCKET_SUBSCRIBERS.dec()
 
 
 async def _pump(socket: WebSocket[Any, Any, Any], sub: Subscription, user: AuthUser,
-                job_id: int | None, shown: set[int]) -> None:
+                job_id: int | None, origin: str, shown: set[int]) -> None:
     """Forward events until the client goes away (its messages are read and ignored)."""
     async def client_gone() -> None:
         with contextlib.suppress(WebSocketDisconnect):
@@ -100,8 +103,8 @@ async def _pump(socket: WebSocket[Any, Any, Any], sub: Subscription, user: AuthU
                 getter.cancel()
                 break
             event = getter.result()
-            events = await _current(user, job_id, shown) if event is RESYNC else \
-                [_public(event)]
+            events = await _current(user, job_id, origin, shown) if event is RESYNC else \
+                [_public(event, origin)]
             for item in events:
                 shown.add(item["id"])
                 await socket.send_json(item)
@@ -111,8 +114,11 @@ async def _pump(socket: WebSocket[Any, Any, Any], sub: Subscription, user: AuthU
         gone.cancel()
 
 
-def _public(event: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in event.items() if k != "user_id"}
+def _public(event: dict[str, Any], origin: str) -> dict[str, Any]:
+    public = {k: v for k, v in event.items() if k != "user_id"}
+    if "current_job_details" in public:
+        public["current_job_details"] = with_url_domain(public["current_job_details"], origin)
+    return public
 
 
 @websocket("/jobs/{job_id:str}/", operation_id="watchJob")

@@ -40,7 +40,7 @@ def mapping_json(row: Any) -> dict[str, Any]:
         "original_workspace_id": _small_workspace(row, "o"),
         "shared_workspace_id": _small_workspace(row, "s"),
         "last_resource_options": raw_json(row["last_resource_options"]),
-        "last_job_type": row["last_job_type"],
+        "last_job_type": row["last_job_type"] or "",  # the reference: "", never null
         "is_accepted": row["is_accepted"],
         "datetime_share_created": iso(row["datetime_share_created"]),
     }
@@ -92,7 +92,7 @@ class SharedWorkspaceRoutes(Controller):
         """Share a copy of one of the caller's workspaces with each of ``shared_user_ids``;
         the copies and the e-mail invitations are made in the background."""
         state, user = app_state(request), current_user(request)
-        body = await json_body(request)
+        body = await json_body(request, empty_ok=False)
         if not isinstance(body, dict) or "original_workspace_id" not in body \
                 or "shared_user_ids" not in body:
             raise BadRequest("Missing required fields.")

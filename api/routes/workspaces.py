@@ -19,7 +19,7 @@ from api.ids import parse_id
 from api.job_start import start_job
 from api.multipart import MultipartReader, boundary_of
 from api.responses import JSON_OBJECT, json_response
-from api.serializers import job_json, workspace_json
+from api.serializers import job_json, origin_of, workspace_json
 from api.state import AppState, app_state
 from api.workspace_details import parse_workspace_details, request_details
 from controllers.base import ExternalAccount, FileSpec, StagedUpload
@@ -110,7 +110,7 @@ class WorkspaceRoutes(Controller):
 
         A failed create leaves nothing behind: no row, no directory."""
         state, user = app_state(request), current_user(request)
-        body = await json_body(request)
+        body = await json_body(request, empty_ok=False)
         if not isinstance(body, dict) or "name" not in body or "description" not in body:
             raise BadRequest("Missing required fields.")
         name, description = body["name"], body["description"]
@@ -162,7 +162,7 @@ class WorkspaceRoutes(Controller):
         state, user = app_state(request), current_user(request)
         row = await _owned(user, workspace_id)
         await _refuse_unaccepted_copy(row["id"])
-        body = await json_body(request)
+        body = await json_body(request, empty_ok=False)
         if not isinstance(body, dict) or not body:
             raise BadRequest("Missing required fields.")
         changes: dict[Any, Any] = {}
@@ -282,9 +282,8 @@ class WorkspaceRoutes(Controller):
     ) -> dict[str, Any]:
         state = app_state(request)
         await _refuse_unaccepted_copy(row["id"])
-        body = await json_body(request)
-        if body is None:
-            body = {}
+        # The contract: an empty body is invalid JSON here too ({} starts the default job).
+        body = await json_body(request, empty_ok=False)
         if not isinstance(body, dict):
             raise BadRequest("Request body must be a JSON object.")
         job_type = body.get("job_type") or row["default_job_type"]
@@ -312,7 +311,8 @@ class WorkspaceRoutes(Controller):
                 "Workspace directory is missing or invalid. Please contact an administrator."
             )
         job = await start_job(state, user, row, job_type, job_details, resource_options)
-        return {"success": True, "message": "Successful start.", "data": {"job": job_json(job)}}
+        return {"success": True, "message": "Successful start.",
+                "data": {"job": job_json(job, origin_of(request))}}
 
     @delete("/{workspace_id:str}/", status_code=200, operation_id="deleteWorkspace")
     async def delete_workspace(

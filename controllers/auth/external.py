@@ -9,6 +9,7 @@ optional ``account_map`` (identity username -> OS account name).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -21,7 +22,14 @@ import httpx
 from pydantic import Field
 
 from controllers.auth.accounts import INCORRECT, AccountSettings, OsAccounts
-from controllers.base import ApiClientCheck, AuthMethod, ExternalAccount, PluginSettings, UserInfo
+from controllers.base import (
+    ApiClientCheck,
+    AuthMethod,
+    ExternalAccount,
+    Health,
+    PluginSettings,
+    UserInfo,
+)
 from controllers.errors import AuthenticationFailed, BackendError, InvalidRequest, Unavailable
 
 MISSING_TOKEN = "Missing auth_token."
@@ -29,6 +37,10 @@ PROVIDER_DOWN = "The identity provider is unavailable right now. Please try agai
 MISCONFIGURED = "Sign-in is misconfigured. Please contact an administrator."
 # Longer than any real access token; bounds what we hash and forward.
 _MAX_TOKEN_CHARS = 16_384
+# /status/ may be polled often: one probe of the provider per this many seconds.
+HEALTH_CACHE_SECONDS = 5.0
+# RFC 6749 5.2 / RFC 7662 2.3: the provider refusing *us*, not the token.
+_CLIENT_ERRORS = {"invalid_client", "unauthorized_client"}
 
 
 def env_is_set(name: str) -> str:
@@ -109,9 +121,12 @@ def as_list(value: Any) -> list[str]:
 
 
 def check_introspected(claims: Mapping[str, Any], *, audiences: set[str], issuer: str,
-                       leeway: float, require_exp: bool, require_iss: bool) -> None:
-    """Time, issuer and audience of introspected claims; ``aud`` or ``client_id`` must name
-    one of ``audiences``. An empty ``issuer`` accepts any."""
+                       leeway: float, require_exp: bool, require_iss: bool,
+                       client_id_is_audience: bool = False) -> None:
+    """Time, issuer and audience of introspected claims; ``aud`` must name one of
+    ``audiences`` (``client_id`` too only with ``client_id_is_audience``: the client a token
+    was issued to is not the API it is meant for, so by default a portal's token for
+    another API does not pass here). An empty ``issuer`` accepts any."""
     now = time.time()
     exp, nbf = claims.get("exp"), claims.get("nbf")
     if not isinstance(exp, int | float):
@@ -124,8 +139,20 @@ def check_introspected(claims: Mapping[str, Any], *, audiences: set[str], issuer
     iss = claims.get("iss", None if require_iss else issuer)
     if issuer and iss != issuer:
         raise reject(f"token issued by {iss!r}")
-    if not audiences & {*as_list(claims.get("aud")), *as_list(claims.get("client_id"))}:
-        raise reject("token not meant for this server")
+    named = set(as_list(claims.get("aud")))
+    if client_id_is_audience:
+        named.update(as_list(claims.get("client_id")))
+    if not audiences & named:
+        raise reject(f"token not meant for this server (aud {claims.get('aud')!r})")
+
+
+def subject_of(claims: Mapping[str, Any], what: str) -> str:
+    """The token's ``sub``, the identity an account is bound to; without it a token only
+    names a username, which is not enough to tell two people apart."""
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or len(sub) > 255:
+        raise reject(f"{what}: token without a usable sub")
+    return sub
 
 
 class ExternalUserAuthentication(AuthMethod):
@@ -140,6 +167,40 @@ class ExternalUserAuthentication(AuthMethod):
         s = self.settings
         self.accounts = OsAccounts(s)
         self._cache = IdentityCache(s.cache_seconds, s.cache_size)
+        self._health: tuple[float, Health] | None = None
+        self._health_lock = asyncio.Lock()
+
+    @abstractmethod
+    async def _probe(self) -> Health:
+        """One check that the provider answers what sign-in needs (``health``)."""
+
+    async def health(self) -> Health:
+        """The provider's endpoint reachable and answering as expected, probed at most once
+        per ``HEALTH_CACHE_SECONDS`` (``/status/`` must not hammer the provider)."""
+        async with self._health_lock:
+            now = time.monotonic()
+            if self._health is not None and now < self._health[0]:
+                return self._health[1]
+            try:
+                result = await self._probe()
+            except (Unavailable, BackendError) as exc:
+                result = Health(ok=False, detail=exc.log_message)
+            except Exception as exc:  # a health check reports, it never raises
+                result = Health(ok=False, detail=f"{type(exc).__name__}: {exc}")
+            self._health = (time.monotonic() + HEALTH_CACHE_SECONDS, result)
+            return result
+
+    async def _probe_introspection(self, url: str, form: dict[str, str],
+                                   auth: tuple[str, str] | None) -> Health:
+        """Introspect a token that cannot exist: a provider that knows our client answers
+        ``active: false`` (or refuses the token with a 400); one that does not, 401."""
+        response = await self._call("POST", url, data={**form, "token": "uws-health-check"},
+                                    auth=auth)
+        if response.status_code == 200 or (response.status_code == 400
+                                           and _error_code(response) not in _CLIENT_ERRORS):
+            return Health(ok=True)
+        # The status only: /status/ is public, the provider's wording is for the log.
+        return Health(ok=False, detail=f"introspection answered {response.status_code}")
 
     @abstractmethod
     async def _verify(self, token: str) -> tuple[UserInfo, float | None]:
@@ -195,6 +256,11 @@ class ExternalUserAuthentication(AuthMethod):
                           auth: tuple[str, str] | None, what: str) -> dict[str, Any]:
         """An RFC 7662 introspection (Globus Auth's is one): the claims of an active token."""
         response = await self._call("POST", url, data=form, auth=auth)
+        if response.status_code == 400 and _error_code(response) not in _CLIENT_ERRORS:
+            # unsupported_token_type, invalid_token, invalid_request: how some providers
+            # answer a token they do not know (a JWT of another issuer, say). The token is
+            # refused; only the provider refusing our client (401, invalid_client) is ours.
+            raise reject(f"{what} refused the token: {response.text[:200]}")
         if response.status_code != 200:
             raise BackendError(MISCONFIGURED, log_message=(
                 f"{what} answered {response.status_code}: {response.text[:200]}"
@@ -211,3 +277,13 @@ class ExternalUserAuthentication(AuthMethod):
         except ValueError as exc:
             raise BackendError(MISCONFIGURED,
                                log_message=f"{what} answered something not JSON") from exc
+
+
+def _error_code(response: httpx.Response) -> str:
+    """The OAuth ``error`` of an error answer, ``""`` when it has none."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, str) else ""

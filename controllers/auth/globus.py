@@ -3,13 +3,15 @@
 A portal posts ``{"auth_token": "<the user's Globus Groups token>"}``. We introspect it at
 Globus Auth (``POST /v2/oauth2/token/introspect`` with our client's basic credentials and
 ``include=identity_set``), require it active, unexpired, issued by Globus and meant for us
-(its ``aud`` or ``client_id`` among ``allowed_audiences``), take the identity's username,
-email and name, and, when ``allowed_globus_groups`` is set, require an active membership
-in one of them through the Groups API (``GET /v2/groups/my_groups`` with the user's token),
-as the reference does for new users; we check at every sign-in.
+(its ``aud`` among ``allowed_audiences``; its ``client_id`` too only with
+``accept_client_id_as_audience``), take the identity's username, email and name, and, when
+``allowed_globus_groups`` is set, require an active membership in one of them through the
+Groups API (``GET /v2/groups/my_groups`` with the user's token), as the reference does for
+new users; we check at every sign-in.
 
-The UWS username is the Globus username (``alice@uni.edu``), not the reference's e-mail
-local part, which two people at different institutions can share.
+The account is bound to the Globus identity id (the introspection's ``sub``); the UWS
+username is the Globus username (``alice@uni.edu``) it had at the first sign-in, not the
+reference's e-mail local part, which two people at different institutions can share.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from controllers.auth.external import (
     check_introspected,
     env_is_set,
     reject,
+    subject_of,
 )
-from controllers.base import UserInfo
+from controllers.base import Health, UserInfo
 from controllers.errors import BackendError, Forbidden
 
 
@@ -42,6 +45,9 @@ class GlobusUserAuthentication(ExternalUserAuthentication):
         allowed_audiences: list[str] = Field(
             default_factory=list, description="Empty: the token must be for client_id."
         )
+        accept_client_id_as_audience: bool = Field(
+            False, description="A token issued to one of allowed_audiences (its client_id) "
+                               "passes even when its aud does not name it.")
         allowed_globus_groups: list[str] = Field(
             default_factory=list, description="Group ids; empty: no group is required."
         )
@@ -53,29 +59,40 @@ class GlobusUserAuthentication(ExternalUserAuthentication):
 
     settings: Settings
 
+    def _introspect_url(self) -> str:
+        return f"{self.settings.auth_base_url.rstrip('/')}/v2/oauth2/token/introspect"
+
+    async def _probe(self) -> Health:
+        s = self.settings
+        return await self._probe_introspection(
+            self._introspect_url(), {}, (s.client_id, os.environ.get(s.client_secret_env, "")))
+
     async def _verify(self, token: str) -> tuple[UserInfo, float | None]:
         s = self.settings
         data = await self._introspect(
-            f"{s.auth_base_url.rstrip('/')}/v2/oauth2/token/introspect",
+            self._introspect_url(),
             {"token": token, "include": "identity_set"},
             (s.client_id, os.environ.get(s.client_secret_env, "")), "Globus introspection",
         )
         # Globus leaves iss out at times; when it is there it must be Globus's.
         check_introspected(data, audiences=set(s.allowed_audiences or [s.client_id]),
-                           issuer=s.issuer, leeway=0.0, require_exp=True, require_iss=False)
+                           issuer=s.issuer, leeway=0.0, require_exp=True, require_iss=False,
+                           client_id_is_audience=s.accept_client_id_as_audience)
         exp = data["exp"]
         username, email = data.get("username"), data.get("email")
         if not isinstance(username, str) or not username or len(username) > 150:
             raise reject("Globus identity without a usable username")
         if not isinstance(email, str) or not email or len(email) > 254:
             raise reject(f"Globus identity {username!r} has no e-mail")
+        subject = subject_of(data, f"Globus identity {username!r}")
         if s.allowed_globus_groups:
             identities = set(as_list(data.get("identity_set"))) or set(as_list(data.get("sub")))
             await self._require_group(token, identities, username)
         first, _, last = (data.get("name") or "").strip().partition(" ")
         # Display names only: cut to the columns' 150 rather than refuse.
+        # The issuer is the configured one: an iss in the answer was checked against it.
         info = UserInfo(username=username, email=email, first_name=first[:150],
-                        last_name=last.strip()[:150])
+                        last_name=last.strip()[:150], issuer=s.issuer, subject=subject)
         return info, float(exp)
 
     async def _require_group(self, token: str, identities: set[str], username: str) -> None:

@@ -4,17 +4,24 @@ The body is the Globus flow's, ``{"auth_token": "<access token>"}``; ``mode`` sa
 token is checked:
 
 - ``introspection`` (RFC 7662): ``POST token=...`` to ``introspection_url`` with our client
-  credentials (basic or form), then ``active``, ``exp``/``nbf``, ``iss`` and ``aud`` (or
-  ``client_id``) are checked here as well, since a provider may describe tokens meant for
-  other clients;
+  credentials (basic or form), then ``active``, ``exp``/``nbf``, ``iss`` and ``aud`` are
+  checked here as well, since a provider may describe tokens meant for other clients
+  (``client_id`` counts as an audience only with ``accept_client_id_as_audience``); a 400
+  about the token (``invalid_token``, ``unsupported_token_type``) is a refusal, a 401 or
+  ``invalid_client`` a misconfiguration;
 - ``jwt``: the token is a JWT signed by a key of the provider's JWKS: the algorithm must be
   in ``algorithms`` (asymmetric only: never ``none`` or HMAC, which a public key would let
-  anyone forge), the signature, ``iss``, ``aud``, ``exp`` and ``nbf`` (with ``leeway_seconds``)
-  must hold. The JWKS is fetched on first use, kept, and fetched again for an unknown
-  ``kid`` at most once per ``jwks_min_refetch_seconds``.
+  anyone forge), its ``typ`` must be ``at+jwt`` (RFC 9068: an ID token is no access token;
+  ``require_at_jwt_typ = false`` for providers that do not set it), and the signature,
+  ``iss``, ``aud``, ``exp`` and ``nbf`` (with ``leeway_seconds``) must hold. The JWKS is
+  fetched on first use and kept; an unknown ``kid`` fetches it again at once, at most once
+  per ``jwks_min_refetch_seconds`` (meanwhile such a token is a 503, not a 401: the key may
+  be a rotated one not yet seen), and a JWKS older than ``jwks_max_age_seconds`` is fetched
+  again before use, so a key the provider stopped publishing is trusted that long at most.
 
 Claims give the identity (names configurable); ``required_group`` must be in the groups
-claim when set.
+claim when set. The identity is (``iss``, ``sub``): the username claim only names the
+account the first time.
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ from controllers.auth.external import (
     check_introspected,
     env_is_set,
     reject,
+    subject_of,
 )
-from controllers.base import UserInfo
-from controllers.errors import BackendError, Forbidden
+from controllers.base import Health, UserInfo
+from controllers.errors import BackendError, Forbidden, Unavailable
 
 # Asymmetric JWS algorithms only (RFC 7518): a verifier holding a public key must never
 # accept "none" or an HMAC keyed with that public key.
@@ -48,6 +56,10 @@ SAFE_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
 # Authenticated but not admitted: a 403, as the Globus method answers.
 NOT_IN_GROUP = ("User is not a member of the required group. "
                 "Please contact your administrator for access.")
+KEYS_REFRESHING = ("The identity provider's keys are being refreshed. "
+                   "Please try again shortly.")
+# RFC 9068 2.1; "application/" may be left out (RFC 7515 4.1.9), case does not matter.
+_AT_JWT_TYPES = {"at+jwt", "application/at+jwt"}
 
 class JwksCache:
     """The provider's signing keys by ``kid``, refetched for an unknown one (rate-limited)
@@ -61,16 +73,27 @@ class JwksCache:
         self._lock = asyncio.Lock()
 
     async def key(self, kid: str | None) -> jwt.PyJWK | None:
+        """The key for ``kid``, ``None`` when a JWKS fetched for it does not have it.
+        Raises ``Unavailable`` when the kid is unknown and a refetch is not allowed yet."""
         s = self.owner.settings
         now = time.monotonic()
+        # Past max_age the keys are not used at all: a key the provider withdrew (leaked,
+        # rotated out) must not outlive it, even if no unknown kid ever forces a refetch.
         stale = self.fetched_at is None or now - self.fetched_at >= s.jwks_max_age_seconds
-        unknown_may_refetch = (self._find(kid) is None and self.fetched_at is not None
-                               and now - self.fetched_at >= s.jwks_min_refetch_seconds)
-        if stale or unknown_may_refetch:
+        unknown = self._find(kid) is None
+        may_refetch = (self.fetched_at is None
+                       or now - self.fetched_at >= s.jwks_min_refetch_seconds)
+        if stale or (unknown and may_refetch):
             fetched_at = self.fetched_at
             async with self._lock:
                 if self.fetched_at == fetched_at:  # nobody refetched while we waited
                     await self._fetch()
+            return self._find(kid)  # a JWKS fetched just now: an unknown kid is unknown
+        if unknown:
+            # Probably a key rotated in after our last fetch: "try again" is the truth,
+            # "incorrect credentials" would make a client drop a good token.
+            raise Unavailable(KEYS_REFRESHING, log_message=(
+                f"JWT signed with unknown key {kid!r}; JWKS refetch not allowed yet"))
         return self._find(kid)
 
     def _find(self, kid: str | None) -> jwt.PyJWK | None:
@@ -104,7 +127,10 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
     class Settings(ExternalAuthSettings):
         mode: Literal["introspection", "jwt"]
         issuer: str = Field("", description="Expected iss; required in jwt mode.")
-        audience: list[str] = Field(min_length=1, description="Accepted aud (or client_id).")
+        audience: list[str] = Field(min_length=1, description="Accepted aud.")
+        accept_client_id_as_audience: bool = Field(
+            False, description="Introspection: a token whose client_id (not aud) is in "
+                               "audience passes too (providers that set no aud).")
         # introspection mode
         introspection_url: str = ""
         client_id: str = ""
@@ -115,6 +141,8 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
         algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
         jwks_min_refetch_seconds: float = Field(30.0, ge=0)
         jwks_max_age_seconds: float = Field(3600.0, gt=0)
+        require_at_jwt_typ: bool = Field(
+            True, description="JWT header typ must be at+jwt (RFC 9068).")
         leeway_seconds: float = Field(30.0, ge=0, le=300)
         # claims
         username_claim: str = "preferred_username"
@@ -160,6 +188,27 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
         exp = claims.get("exp")
         return self._user(claims), float(exp) if isinstance(exp, int | float) else None
 
+    async def _probe(self) -> Health:
+        s = self.settings
+        if s.mode == "introspection":
+            form, auth = self._client_auth()
+            return await self._probe_introspection(s.introspection_url, form, auth)
+        response = await self._call("GET", str(s.jwks_url))
+        if response.status_code != 200:
+            return Health(ok=False, detail=f"JWKS answered {response.status_code}")
+        data = self._json(response, "JWKS")
+        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+            return Health(ok=False, detail="JWKS answered no key list")
+        return Health(ok=True)
+
+    def _client_auth(self) -> tuple[dict[str, str], tuple[str, str] | None]:
+        """Our client credentials for the introspection, as form fields or basic auth."""
+        s = self.settings
+        secret = os.environ.get(s.client_secret_env, "")
+        if s.client_auth == "client_secret_basic":
+            return {}, (s.client_id, secret)
+        return {"client_id": s.client_id, "client_secret": secret}, None
+
     async def _jwt_claims(self, token: str) -> dict[str, Any]:
         s = self.settings
         try:
@@ -169,29 +218,31 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
         alg = header.get("alg")
         if alg not in s.algorithms:
             raise reject(f"JWT algorithm {alg!r} not allowed")
+        typ = header.get("typ")
+        if s.require_at_jwt_typ and (not isinstance(typ, str)
+                                     or typ.lower() not in _AT_JWT_TYPES):
+            # An ID token has the same issuer and keys, and names our client as aud when
+            # the portal is that client: only typ tells it is no access token.
+            raise reject(f"JWT typ {typ!r} is not at+jwt")
         key = await self.jwks.key(header.get("kid"))
         if key is None:
             raise reject(f"JWT signed with unknown key {header.get('kid')!r}")
         try:
             return jwt.decode(
                 token, key=key, algorithms=s.algorithms, audience=s.audience, issuer=s.issuer,
-                leeway=s.leeway_seconds, options={"require": ["exp", "iss", "aud"]},
+                leeway=s.leeway_seconds, options={"require": ["exp", "iss", "aud", "sub"]},
             )
         except jwt.PyJWTError as exc:
             raise reject(f"JWT rejected: {type(exc).__name__}: {exc}") from None
 
     async def _introspected_claims(self, token: str) -> dict[str, Any]:
         s = self.settings
-        secret = os.environ.get(s.client_secret_env, "")
-        form = {"token": token, "token_type_hint": "access_token"}
-        auth: tuple[str, str] | None = None
-        if s.client_auth == "client_secret_basic":
-            auth = (s.client_id, secret)
-        else:
-            form.update(client_id=s.client_id, client_secret=secret)
+        form, auth = self._client_auth()
+        form.update(token=token, token_type_hint="access_token")
         claims = await self._introspect(s.introspection_url, form, auth, "introspection")
         check_introspected(claims, audiences=set(s.audience), issuer=s.issuer,
-                           leeway=s.leeway_seconds, require_exp=False, require_iss=True)
+                           leeway=s.leeway_seconds, require_exp=False, require_iss=True,
+                           client_id_is_audience=s.accept_client_id_as_audience)
         return claims
 
     def _user(self, claims: dict[str, Any]) -> UserInfo:
@@ -205,8 +256,13 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
                 claims.get(s.groups_claim)):
             raise Forbidden(NOT_IN_GROUP, log_message=(
                 f"{username!r} is not in group {s.required_group!r}"))
+        subject = subject_of(claims, username)
+        # iss was checked against the configured issuer; with none configured, the
+        # introspection endpoint that vouched for the token stands for the provider.
+        iss = claims.get("iss")
+        issuer = iss if isinstance(iss, str) and iss else (s.issuer or s.introspection_url)
         first, last = claims.get(s.first_name_claim), claims.get(s.last_name_claim)
-        return UserInfo(username=username, email=email,
+        return UserInfo(username=username, email=email, issuer=issuer, subject=subject,
                         # Display names only: cut to the columns' 150 rather than refuse.
                         first_name=first[:150] if isinstance(first, str) else "",
                         last_name=last[:150] if isinstance(last, str) else "")

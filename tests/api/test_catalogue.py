@@ -32,10 +32,17 @@ async def test_status_reports_every_dependency(client) -> None:
     assert body["success"] is True and body["message"] == ""
     assert body["version"] and body["build"]
     deps = body["dependencies"]
-    assert deps["database"]["ok"] and deps["temporal"]["ok"]
-    assert {"storage:local_storage", "resource:local_resource",
-            "user_authentication:local_auth", "job_type:jupyter_lab"} <= set(deps)
-    assert all(d["ok"] for d in deps.values()), deps
+    assert deps["database"]["connected"] and deps["temporal"]["connected"]
+    assert set(deps["resources"]) == {"local_resource"}
+    assert set(deps["storage_methods"]) == {"local_storage"}
+    assert set(deps["user_authentication_methods"]) == {"local_auth"}
+    assert {"jupyter_lab", "local_test_job"} <= set(deps["job_types"])
+    healths = [deps["main_resource"], deps["api_user_authentication"], deps["database"],
+               deps["temporal"]]
+    for section in ("resources", "storage_methods", "user_authentication_methods",
+                    "job_types"):
+        healths.extend(deps[section].values())
+    assert all(h["connected"] for h in healths), deps
 
 
 async def test_user_search(client, api_client_key) -> None:

@@ -124,7 +124,9 @@ async def test_decline_removes_the_copy(client, api_client_key, data_dir: Path) 
         "files": [{"name": "f.txt", "content": "x"}]})
     r = await client.post("/shared_workspaces/", headers=alice, json={
         "original_workspace_id": original["id"], "shared_user_ids": [bob_id]})
-    copy_id = r.json()["data"]["shared_workspaces"][0]["shared_workspace_id"]["id"]
+    entry = r.json()["data"]["shared_workspaces"][0]
+    assert entry["last_job_type"] == ""  # no job yet: the reference's "", never null
+    copy_id = entry["shared_workspace_id"]["id"]
     await eventually(lambda: _copy_status_is(copy_id, "idle"), timeout=60)
     copy_dir = workspace_dir(data_dir, copy_id)
     r = await client.delete(f"/shared_workspaces/{copy_id}/", headers=carol)

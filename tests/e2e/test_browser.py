@@ -42,7 +42,10 @@ async def test_notebook_runs_in_the_browser_through_the_passthrough(
     client, auth, server_url, api_client_key, browser
 ) -> None:
     job_id, details = await start_lab(client, auth)
-    link = server_url + details["connection_details"]["url_path"]
+    # What a portal does: url_domain + url_path (url_domain: the address this client used).
+    connection = details["connection_details"]
+    assert connection["url_domain"] == server_url
+    link = connection["url_domain"] + connection["url_path"]
 
     owner = await browser.new_context()
     page = await owner.new_page()

@@ -43,6 +43,8 @@ async def test_jupyter_lab_session_and_passthrough(
     job_id, details = await start_lab(client, auth)
     proxy = details["proxy_details"]
     connection = details["connection_details"]
+    # passthrough_domain unset: the session opens where this client reached the API.
+    assert connection["url_domain"] == server_url
     url = urlsplit(connection["url_path"])
     assert url.path == f"/passthrough/{proxy['hostname']}/{job_id}/lab"
     query = parse_qs(url.query)

@@ -13,6 +13,7 @@ import pwd
 import secrets
 import subprocess
 import tomllib
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -73,7 +74,9 @@ def provider_up(request: pytest.FixtureRequest) -> Any:
     """A test that makes the provider fail cannot leave it failing for the next one."""
     yield
     if "provider" in request.fixturenames:
-        request.getfixturevalue("provider").fail_with = None
+        idp = request.getfixturevalue("provider")
+        idp.fail_with = None
+        idp.unknown_token_answer = None
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +102,29 @@ def build_from(name: str, provider_url: str, data_dir: Path):
     path = TESTS / "data" / name
     config = parse_config(tomllib.loads(config_text(name, provider_url)), path)
     return build_controllers(config, file=str(path), data_dir=data_dir)
+
+
+def build_auth(name: str, provider_url: str, **changes: Any) -> Any:
+    """The api auth method of config ``name`` with ``changes`` to its settings (``None``
+    removes a key), built alone: for checks on the plugin itself."""
+    from controllers.registry import build_controllers
+    from core.config import parse_config
+
+    data = tomllib.loads(config_text(name, provider_url))
+    method = data["api_user_authentication"]
+    details = data["available_user_authentication"][method]["connection_details"]
+    for key, value in changes.items():
+        if value is None:
+            details.pop(key, None)
+        else:
+            details[key] = value
+    path = TESTS / "data" / name
+    return build_controllers(parse_config(data, path), file=str(path), data_dir=TESTS).api_auth
+
+
+def stable_sub(username: str) -> str:
+    """One person's subject at the provider: the same for every token of ``username``."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"uws-test:{username}"))
 
 
 def _app_fixture(config_name: str) -> Callable[..., Any]:
@@ -142,6 +168,29 @@ async def assert_refused(client: httpx.AsyncClient, token: str) -> None:
     r = await sign_in(client, token)
     assert r.status_code == 401, r.text
     assert r.json() == {"success": False, "message": "Incorrect authentication credentials."}
+
+
+async def assert_taken(client: httpx.AsyncClient, token: str, username: str) -> None:
+    """A new identity naming another account's username: 409, never that account's key."""
+    r = await sign_in(client, token)
+    assert r.status_code == 409, r.text
+    assert r.json() == {"success": False, "message": (
+        f"The username {username} is already used by another account. Sign in with the "
+        "identity that created it, or ask an administrator to link or rename it.")}
+
+
+async def identity_of(username: str) -> list[dict[str, Any]]:
+    """The identities bound to ``username``'s account, one per sign-in method."""
+    from db.queries import as_json
+    from db.tables import ExternalUserMapping, User
+
+    user = await User.select(User.id).where(User.username == username).first()
+    if user is None:
+        return []
+    rows = await ExternalUserMapping.select(ExternalUserMapping.external_user_details).where(
+        ExternalUserMapping.user == user["id"])
+    return [as_json(r["external_user_details"]).get("identity") for r in rows
+            if as_json(r["external_user_details"]).get("identity")]
 
 
 async def assert_forbidden(client: httpx.AsyncClient, token: str, message: str) -> None:

@@ -9,8 +9,11 @@
 - ``GET /v2/groups/my_groups``: the Globus Groups API, the caller's groups with
   ``my_memberships``, authorised by the user's bearer token.
 
-Tokens are opaque (introspection) or JWTs signed with the provider's keys (PyJWT).
-``fail_with`` makes every endpoint answer that status, as a provider in trouble does.
+Tokens are opaque (introspection) or JWTs signed with the provider's keys (PyJWT), access
+tokens typed ``at+jwt`` (RFC 9068) unless the headers say otherwise (an ID token: ``JWT``).
+``fail_with`` makes every endpoint answer that status, as a provider in trouble does;
+``unknown_token_answer`` makes the introspections answer a token they do not know with that
+status and body (some providers' ``400 invalid_token``) rather than ``{"active": false}``.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class FakeProvider:
     ec: SigningKey = field(default_factory=lambda: ec_key("ec-1"))
     published: list[SigningKey] = field(default_factory=list)
     fail_with: int | None = None
+    unknown_token_answer: tuple[int, dict[str, Any]] | None = None
     hits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -86,7 +90,7 @@ class FakeProvider:
         payload = {"iss": self.issuer, "iat": now, "nbf": now, "exp": int(now + lifetime),
                    **claims}
         return jwt.encode(payload, key.private, algorithm=key.alg,
-                          headers={"kid": key.kid, **(headers or {})})
+                          headers={"kid": key.kid, "typ": "at+jwt", **(headers or {})})
 
     def _active(self, token: str) -> dict[str, Any] | None:
         claims = self.tokens.get(token)
@@ -142,7 +146,7 @@ class FakeProvider:
             return 401, {"error": "invalid_client"}
         claims = self._active(form.get("token", ""))
         if claims is None:
-            return 200, {"active": False}
+            return self.unknown_token_answer or (200, {"active": False})
         return 200, {"active": True, "token_type": "Bearer", **claims}
 
     def _globus_introspect(self, headers: dict[str, str], form: dict[str, str]
@@ -151,7 +155,7 @@ class FakeProvider:
             return 401, {"errors": [{"code": "UNAUTHORIZED", "status": "401"}]}
         claims = self._active(form.get("token", ""))
         if claims is None:
-            return 200, {"active": False}
+            return self.unknown_token_answer or (200, {"active": False})
         answer = {"active": True, "token_type": "Bearer", "iss": "https://auth.globus.org",
                   "nbf": claims["iat"],
                   **{k: v for k, v in claims.items() if k != "identity_set"}}

@@ -17,15 +17,17 @@ from tests.identity.conftest import (
     assert_refused,
     assert_works,
     sign_in,
+    stable_sub,
     user_row,
 )
 
 
 def globus_token(provider, username: str = "alice@globusid.org", *, member: str = "active",
-                 lifetime: float = 3600, **overrides) -> str:
-    """A Groups token as Globus issues it to our portal client, its identity linked to a
-    second identity that holds the group membership."""
-    sub, linked = str(uuid.uuid4()), str(uuid.uuid4())
+                 lifetime: float = 3600, sub: str | None = None, **overrides) -> str:
+    """A Groups token as Globus issues it to our portal client, its identity (``sub``: the
+    same for every token of one username unless given) linked to a second identity that
+    holds the group membership."""
+    sub, linked = sub or stable_sub(username), str(uuid.uuid4())
     provider.groups.setdefault(ALLOWED_GROUP, {})[linked] = member
     claims = {
         "sub": sub, "username": username, "email": username.replace("@globusid.org",
@@ -107,3 +109,8 @@ async def test_provider_down_issues_no_token(globus_client, provider) -> None:
                                                      "right now. Please try again shortly."}
     provider.fail_with = None
     await assert_works(globus_client, token)
+
+
+async def test_client_id_alone_is_no_audience(globus_client, provider) -> None:
+    # Issued to our client for another resource server: its aud does not name us.
+    await assert_refused(globus_client, globus_token(provider, aud=["transfer.api.globus.org"]))

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import secrets
 
+import pytest
+
 from controllers.auth.oidc import NOT_IN_GROUP
+from controllers.errors import AuthenticationFailed
 from tests.conftest import eventually
 from tests.identity.conftest import (
     assert_forbidden,
     assert_refused,
     assert_works,
+    build_auth,
     sign_in,
+    stable_sub,
     user_row,
 )
 
 INTROSPECT = "/oauth2/introspect"
+CONFIG = "identity-oidc-introspection.toml"
 
 
 def opaque(provider, username: str | None = None, lifetime: float = 3600, **overrides) -> str:
     """An access token for our resource server, with the claim names the test config maps
     (``username``, ``first``, ``last``, ``memberOf``)."""
     username = username or f"rfc{secrets.token_hex(4)}"
-    claims = {"iss": provider.issuer, "sub": secrets.token_hex(8), "client_id": "portal",
+    claims = {"iss": provider.issuer, "sub": stable_sub(username), "client_id": "portal",
               "aud": "uws-rs", "username": username, "email": f"{username}@example.org",
               "first": "Ada", "last": "Lovelace", "memberOf": ["staff", "researchers"],
               **overrides}
@@ -81,3 +87,52 @@ async def test_provider_down_issues_no_token(introspection_client, provider) -> 
         assert r.status_code == 503, r.text
         assert "token" not in r.json()
         assert r.json()["message"].startswith("The identity provider is unavailable")
+
+
+async def test_provider_refusing_the_token_is_401(introspection_client, provider) -> None:
+    # Some providers answer a token they do not know (here a JWT of another issuer) with a
+    # 400 rather than active: false. That refuses the token, not our configuration.
+    jwt_shaped = provider.sign({"aud": "uws-rs", "sub": "x"}, provider.rsa)
+    for error in ("invalid_token", "unsupported_token_type", "invalid_request"):
+        provider.unknown_token_answer = (400, {"error": error})
+        await assert_refused(introspection_client, jwt_shaped)
+
+
+async def test_provider_refusing_us_is_a_misconfiguration(introspection_client,
+                                                          provider) -> None:
+    token = opaque(provider)
+    misconfigured = {"success": False,
+                     "message": "Sign-in is misconfigured. Please contact an administrator."}
+    provider.unknown_token_answer = (400, {"error": "invalid_client"})
+    r = await sign_in(introspection_client, secrets.token_urlsafe(24))
+    assert (r.status_code, r.json()) == (500, misconfigured)
+    saved = provider.clients["uws-rs"]
+    provider.clients["uws-rs"] = "rotated-secret"  # our secret no longer works: a 401
+    try:
+        r = await sign_in(introspection_client, token)
+        assert (r.status_code, r.json()) == (500, misconfigured)
+    finally:
+        provider.clients["uws-rs"] = saved
+
+
+async def test_audience_is_aud_not_client_id(introspection_client, provider) -> None:
+    # Issued to our client id for another API: not for us.
+    await assert_refused(introspection_client,
+                         opaque(provider, aud="another-api", client_id="uws-rs"))
+    await assert_refused(introspection_client, opaque(provider, aud=None, client_id="uws-rs"))
+    await assert_works(introspection_client, opaque(provider, aud=["another-api", "uws-rs"]))
+
+
+async def test_client_id_as_audience_when_configured(provider) -> None:
+    token = opaque(provider, "hank", aud=None, client_id="uws-rs")
+    strict = build_auth(CONFIG, provider.issuer)
+    with pytest.raises(AuthenticationFailed):
+        await strict.identify({"auth_token": token}, _no_client)
+    lenient = build_auth(CONFIG, provider.issuer, accept_client_id_as_audience=True)
+    info = await lenient.identify({"auth_token": token}, _no_client)
+    assert (info.username, info.issuer, info.subject) == ("hank", provider.issuer,
+                                                          stable_sub("hank"))
+
+
+async def _no_client(_: str) -> bool:
+    return False

@@ -11,23 +11,29 @@ import secrets
 import time
 
 import jwt
+import pytest
 from cryptography.hazmat.primitives import serialization
 
-from controllers.auth.oidc import NOT_IN_GROUP
+from controllers.auth.oidc import KEYS_REFRESHING, NOT_IN_GROUP
+from controllers.errors import AuthenticationFailed, Unavailable
 from tests.conftest import eventually
 from tests.identity.conftest import (
     assert_forbidden,
     assert_refused,
     assert_works,
+    build_auth,
     sign_in,
+    stable_sub,
     user_row,
 )
 from tests.identity.fake_provider import ec_key, rsa_key
 
+CONFIG = "identity-oidc-jwt.toml"
+
 
 def claims(username: str | None = None, **overrides) -> dict:
     username = username or f"jwt{secrets.token_hex(4)}"
-    return {"sub": secrets.token_hex(8), "aud": "uws", "preferred_username": username,
+    return {"sub": stable_sub(username), "aud": "uws", "preferred_username": username,
             "email": f"{username}@example.org", "given_name": "Grace",
             "family_name": "Hopper", "groups": ["researchers"], **overrides}
 
@@ -50,7 +56,7 @@ async def test_time_claims(jwt_client, provider) -> None:
     future = provider.sign(claims(nbf=int(time.time()) + 600), provider.rsa)
     await assert_refused(jwt_client, future)
     no_exp = jwt.encode({**claims(), "iss": provider.issuer}, provider.rsa.private,
-                        algorithm="RS256", headers={"kid": "rsa-1"})
+                        algorithm="RS256", headers={"kid": "rsa-1", "typ": "at+jwt"})
     await assert_refused(jwt_client, no_exp)
 
 
@@ -95,8 +101,14 @@ async def test_unknown_kid_refetches_jwks_at_a_limited_rate(jwt_client, provider
     stranger = ec_key("never-published")
     await asyncio.sleep(0.6)  # past the config's 0.5 s refetch limit
     fetches = jwks.fetches
-    for _ in range(3):
-        await assert_refused(jwt_client, provider.sign(claims(), stranger))
+    # The first unknown kid refetches at once; the JWKS does not have it: refused.
+    await assert_refused(jwt_client, provider.sign(claims(), stranger))
+    # The next ones, before a refetch is allowed again: "try again shortly", not a 401
+    # that would make a client drop a token signed with a key rotated in meanwhile.
+    for _ in range(2):
+        r = await sign_in(jwt_client, provider.sign(claims(), stranger))
+        assert r.status_code == 503, r.text
+        assert r.json() == {"success": False, "message": KEYS_REFRESHING}
     # Three unknown-kid tokens in quick succession: the JWKS was fetched again, once.
     assert jwks.fetches - fetches == 1
 
@@ -111,3 +123,62 @@ async def test_rotated_key_is_picked_up(jwt_client, provider) -> None:
         return (await sign_in(jwt_client, token)).status_code == 200
 
     await eventually(accepted, timeout=10, interval=0.2)
+
+
+async def test_id_token_is_no_access_token(jwt_client, provider) -> None:
+    # Same issuer, keys and (when the portal is our client) aud: only typ tells them apart.
+    name = f"ida{secrets.token_hex(3)}"
+    await assert_refused(jwt_client, provider.sign(claims(name), provider.rsa,
+                                                   headers={"typ": "JWT"}))
+    untyped = jwt.encode({**claims(name), "iss": provider.issuer, "exp": int(time.time()) + 60},
+                         provider.rsa.private, algorithm="RS256", headers={"kid": "rsa-1"})
+    assert jwt.get_unverified_header(untyped).get("typ") == "JWT"  # PyJWT's default
+    await assert_refused(jwt_client, untyped)
+    await assert_works(jwt_client, provider.sign(claims(name), provider.rsa,
+                                                 headers={"typ": "application/at+jwt"}))
+
+
+async def test_typ_not_required_when_configured(provider) -> None:
+    auth = build_auth(CONFIG, provider.issuer, require_at_jwt_typ=False)
+    token = provider.sign(claims("jill"), provider.ec, headers={"typ": "JWT"})
+    info = await auth.identify({"auth_token": token}, _no_client)
+    assert (info.username, info.issuer, info.subject) == ("jill", provider.issuer,
+                                                          stable_sub("jill"))
+
+
+async def test_rotated_key_is_503_until_a_refetch_is_allowed(provider) -> None:
+    auth = build_auth(CONFIG, provider.issuer, jwks_min_refetch_seconds=30)
+    await auth.identify({"auth_token": provider.sign(claims(), provider.rsa)}, _no_client)
+    rotated = rsa_key(f"rsa-{secrets.token_hex(3)}")
+    provider.published.append(rotated)
+    try:
+        token = provider.sign(claims(), rotated)
+        with pytest.raises(Unavailable) as caught:
+            await auth.identify({"auth_token": token}, _no_client)
+        assert caught.value.user_message == KEYS_REFRESHING
+        auth.jwks.fetched_at -= 30  # the refetch limit has passed
+        assert (await auth.identify({"auth_token": token}, _no_client)).subject
+    finally:
+        provider.published.remove(rotated)
+
+
+async def test_withdrawn_key_stops_being_trusted_after_max_age(provider) -> None:
+    auth = build_auth(CONFIG, provider.issuer, jwks_max_age_seconds=1)
+    withdrawn = ec_key(f"ec-{secrets.token_hex(3)}")
+    provider.published.append(withdrawn)
+    token = provider.sign(claims(), withdrawn)
+    await auth.identify({"auth_token": token}, _no_client)
+    provider.published.remove(withdrawn)
+    fetches = auth.jwks.fetches
+    # Within max age the keys are not fetched again for a known kid ...
+    await auth.identify({"auth_token": token}, _no_client)
+    assert auth.jwks.fetches == fetches
+    await asyncio.sleep(1.1)
+    # ... past it they are, and the key the provider withdrew is gone.
+    with pytest.raises(AuthenticationFailed):
+        await auth.identify({"auth_token": token}, _no_client)
+    assert auth.jwks.fetches == fetches + 1
+
+
+async def _no_client(_: str) -> bool:
+    return False

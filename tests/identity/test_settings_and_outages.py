@@ -69,7 +69,8 @@ async def test_unreachable_provider_is_unavailable(idp_secret, config) -> None:
     auth = build_from(config, closed, TESTS).api_auth
     assert isinstance(auth, GlobusUserAuthentication | OIDCUserAuthentication)
     key = ec_key("k1")
-    token = jwt.encode({"aud": "uws"}, key.private, algorithm="ES256", headers={"kid": "k1"})
+    token = jwt.encode({"aud": "uws"}, key.private, algorithm="ES256",
+                       headers={"kid": "k1", "typ": "at+jwt"})
     with pytest.raises(Unavailable) as caught:
         await auth.identify({"auth_token": token}, _no_client)
     assert caught.value.user_message.startswith("The identity provider is unavailable")
@@ -99,3 +100,39 @@ def test_identity_cache_is_bounded_and_honours_expiry() -> None:
 
 async def _no_client(_: str) -> bool:
     return False
+
+
+CONFIGS = ["identity-globus.toml", "identity-oidc-introspection.toml", "identity-oidc-jwt.toml"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+async def test_health_probes_the_provider_and_caches_it(provider, config) -> None:
+    auth = build_from(config, provider.issuer, TESTS).api_auth
+    before = sum(provider.hits.values())
+    assert (await auth.health()).ok
+    assert sum(provider.hits.values()) == before + 1
+    # /status/ polled again at once: the answer is the cached one, no second probe.
+    provider.fail_with = 503
+    assert (await auth.health()).ok
+    assert sum(provider.hits.values()) == before + 1
+    # A fresh plugin (no cache) sees the provider in trouble.
+    health = await build_from(config, provider.issuer, TESTS).api_auth.health()
+    assert not health.ok and health.detail
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+async def test_health_of_unreachable_provider(idp_secret, config) -> None:
+    auth = build_from(config, f"http://127.0.0.1:{free_port()}", TESTS).api_auth
+    health = await auth.health()
+    assert not health.ok and "ConnectError" in health.detail
+
+
+async def test_health_when_the_provider_refuses_our_client(provider) -> None:
+    auth = build_from("identity-oidc-introspection.toml", provider.issuer, TESTS).api_auth
+    saved = provider.clients["uws-rs"]
+    provider.clients["uws-rs"] = "rotated-secret"
+    try:
+        health = await auth.health()
+    finally:
+        provider.clients["uws-rs"] = saved
+    assert not health.ok and "401" in health.detail

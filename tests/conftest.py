@@ -28,6 +28,7 @@ import pytest
 from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 
+from controllers.base import ExternalAccount
 from core.devstack import temporal_binary
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES
@@ -81,6 +82,20 @@ def _let_accounts_run(path: Path) -> None:
         mode = parent.stat().st_mode
         if not mode & 0o001:
             parent.chmod(mode | 0o001)
+
+
+def throwaway_account() -> Iterator[ExternalAccount]:
+    """A fresh OS account (no home) for one test, removed after it; ``yield from`` it in a
+    fixture."""
+    name = f"uwst{secrets.token_hex(4)}"
+    subprocess.run(["useradd", "--no-create-home", "--comment", TEST_ACCOUNT_COMMENT, name],
+                   check=True, capture_output=True)
+    try:
+        entry = pwd.getpwnam(name)
+        yield ExternalAccount(username=name, uid=entry.pw_uid, gid=entry.pw_gid,
+                              home=entry.pw_dir)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
 
 
 def _test_accounts() -> set[str]:

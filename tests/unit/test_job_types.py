@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
-import secrets
 import shlex
 import shutil
 import signal
@@ -41,7 +39,11 @@ from controllers.job_types.appyter import AppyterJob
 from controllers.job_types.jupyter_lab import JupyterLabJob, read_token
 from controllers.job_types.local_test import LocalTestJob
 from controllers.resources.local import LocalResource
-from tests.conftest import TEST_ACCOUNT_COMMENT, stop_leftover_jobs, traversable_dir
+from tests.conftest import (
+    stop_leftover_jobs,
+    throwaway_account,
+    traversable_dir,
+)
 
 JUPYTER_START_LIMIT_S = 60.0
 TOKEN = "0123456789abcdef" * 3
@@ -266,21 +268,9 @@ async def test_jupyter_connection_only_at_the_sessions_own_socket(short_dir, uni
     assert read_token(real) == TOKEN
 
 
-def _throwaway_account() -> Iterator[ExternalAccount]:
-    name = f"uwst{secrets.token_hex(4)}"
-    subprocess.run(["useradd", "--no-create-home", "--comment", TEST_ACCOUNT_COMMENT, name],
-                   check=True, capture_output=True)
-    try:
-        entry = pwd.getpwnam(name)
-        yield ExternalAccount(username=name, uid=entry.pw_uid, gid=entry.pw_gid,
-                              home=entry.pw_dir)
-    finally:
-        subprocess.run(["userdel", name], capture_output=True)
-
-
 @pytest.fixture
 def account() -> Iterator[ExternalAccount]:
-    yield from _throwaway_account()
+    yield from throwaway_account()
 
 
 @pytest.fixture

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
-import secrets
 import shlex
 import shutil
 import signal
@@ -36,7 +34,11 @@ from controllers.base import ExternalAccount, JobContext, LaunchRequest
 from controllers.errors import BackendError, InvalidRequest
 from controllers.job_types.local_test import LocalTestJob
 from controllers.resources.local import LocalResource
-from tests.conftest import TEST_ACCOUNT_COMMENT, stop_leftover_jobs, traversable_dir
+from tests.conftest import (
+    stop_leftover_jobs,
+    throwaway_account,
+    traversable_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_LIMIT_S = 30.0
@@ -46,29 +48,17 @@ GRACE_S = 1.0  # the resource's stop grace: TERM, then KILL this long after
 # --- accounts, resources, requests ----------------------------------------------------
 
 
-def _make_account() -> Iterator[ExternalAccount]:
-    name = f"uwst{secrets.token_hex(4)}"
-    subprocess.run(["useradd", "--no-create-home", "--comment", TEST_ACCOUNT_COMMENT, name],
-                   check=True, capture_output=True)
-    try:
-        entry = pwd.getpwnam(name)
-        yield ExternalAccount(username=name, uid=entry.pw_uid, gid=entry.pw_gid,
-                              home=entry.pw_dir)
-    finally:
-        subprocess.run(["userdel", name], capture_output=True)
-
-
 # Per test: each test's accounts are fresh (and a uid is never shared by the two).
 @pytest.fixture
 def account() -> Iterator[ExternalAccount]:
     """The account the jobs run as."""
-    yield from _make_account()
+    yield from throwaway_account()
 
 
 @pytest.fixture
 def stranger(account: ExternalAccount) -> Iterator[ExternalAccount]:
     """Another user's account."""
-    for other in _make_account():
+    for other in throwaway_account():
         assert other.uid != account.uid
         yield other
 

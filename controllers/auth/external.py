@@ -159,6 +159,7 @@ class ExternalUserAuthentication(AuthMethod):
     """Base of the token-based methods; subclasses implement ``_verify``."""
 
     abstract = True
+    takes_auth_token = True
     Settings = ExternalAuthSettings
     settings: ExternalAuthSettings
 

@@ -59,6 +59,10 @@ class GlobusUserAuthentication(ExternalUserAuthentication):
 
     settings: Settings
 
+    @property
+    def token_source(self) -> str:
+        return f"a Globus Auth access token issued to client {self.settings.client_id}"
+
     def _introspect_url(self) -> str:
         return f"{self.settings.auth_base_url.rstrip('/')}/v2/oauth2/token/introspect"
 

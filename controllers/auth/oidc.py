@@ -19,9 +19,13 @@ token is checked:
   be a rotated one not yet seen), and a JWKS older than ``jwks_max_age_seconds`` is fetched
   again before use, so a key the provider stopped publishing is trusted that long at most.
 
-Claims give the identity (names configurable); ``required_group`` must be in the groups
-claim when set. The identity is (``iss``, ``sub``): the username claim only names the
-account the first time.
+Endpoints not configured are read from the issuer's discovery document
+(``oidc_discovery``). Claims give the identity (names configurable); a username, e-mail or
+(with ``required_group``) groups claim the token lacks is asked of the userinfo endpoint
+with the token itself, and its ``sub`` must be the token's (OIDC Core 5.3.2); a claim still
+missing is named in the answer. ``required_group`` must be in the groups claim when set.
+The identity is (``iss``, ``sub``): the username claim only names the account the first
+time.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from controllers.auth.external import (
     reject,
     subject_of,
 )
+from controllers.auth.oidc_discovery import ProviderEndpoints, discovery_url_for
 from controllers.base import Health, UserInfo
-from controllers.errors import BackendError, Forbidden, Unavailable
+from controllers.errors import AuthenticationFailed, BackendError, Forbidden, Unavailable
 
 # Asymmetric JWS algorithms only (RFC 7518): a verifier holding a public key must never
 # accept "none" or an HMAC keyed with that public key.
@@ -58,6 +63,8 @@ NOT_IN_GROUP = ("User is not a member of the required group. "
                 "Please contact your administrator for access.")
 KEYS_REFRESHING = ("The identity provider's keys are being refreshed. "
                    "Please try again shortly.")
+MISSING_CLAIM = ("The identity provider did not supply the {claim!r} claim for this sign-in "
+                 "(neither in the token nor from userinfo). Please contact an administrator.")
 # RFC 9068 2.1; "application/" may be left out (RFC 7515 4.1.9), case does not matter.
 _AT_JWT_TYPES = {"at+jwt", "application/at+jwt"}
 
@@ -103,7 +110,10 @@ class JwksCache:
 
     async def _fetch(self) -> None:
         s = self.owner.settings
-        response = await self.owner._call("GET", str(s.jwks_url))
+        url = await self.owner.endpoints.get("jwks")
+        if url is None:
+            raise BackendError(MISCONFIGURED, log_message="the provider publishes no jwks_uri")
+        response = await self.owner._call("GET", url)
         if response.status_code != 200:
             raise BackendError(MISCONFIGURED,
                                log_message=f"JWKS answered {response.status_code}")
@@ -126,7 +136,16 @@ class JwksCache:
 class OIDCUserAuthentication(ExternalUserAuthentication):
     class Settings(ExternalAuthSettings):
         mode: Literal["introspection", "jwt"]
-        issuer: str = Field("", description="Expected iss; required in jwt mode.")
+        issuer: str = Field("", description="Expected iss; required in jwt mode and for "
+                                             "discovery.")
+        discovery: bool = Field(True, description="Read unset endpoint URLs from the "
+                                                  "issuer's openid-configuration.")
+        discovery_url: str = Field("", description="The discovery document, when not at "
+                                                   "<issuer>/.well-known/openid-configuration.")
+        discovery_max_age_seconds: float = Field(86400.0, gt=0)
+        userinfo_url: str = ""
+        use_userinfo: bool = Field(True, description="Ask userinfo for the claims a token "
+                                                     "lacks (username, e-mail, groups).")
         audience: list[str] = Field(min_length=1, description="Accepted aud.")
         accept_client_id_as_audience: bool = Field(
             False, description="Introspection: a token whose client_id (not aud) is in "
@@ -165,10 +184,17 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
         def _secret_set(cls, value: str) -> str:
             return env_is_set(value) if value else value
 
+        @property
+        def discovers(self) -> bool:
+            return self.discovery and bool(self.issuer or self.discovery_url)
+
         @model_validator(mode="after")
         def _mode_needs(self) -> OIDCUserAuthentication.Settings:
-            needed = {"introspection": ("introspection_url", "client_id", "client_secret_env"),
-                      "jwt": ("jwks_url", "issuer")}[self.mode]
+            needed = {"introspection": ["client_id", "client_secret_env"],
+                      "jwt": ["issuer"]}[self.mode]
+            if not self.discovers:  # without discovery every endpoint is given by hand
+                needed.insert(0, {"introspection": "introspection_url",
+                                  "jwt": "jwks_url"}[self.mode])
             missing = [k for k in needed if not getattr(self, k)]
             if missing:
                 raise ValueError(f"mode {self.mode!r} needs {', '.join(missing)}")
@@ -178,7 +204,21 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
 
     def __init__(self, name: str, settings: Any) -> None:
         super().__init__(name, settings)
+        s = self.settings
         self.jwks = JwksCache(self)
+        self.endpoints = ProviderEndpoints(
+            issuer=s.issuer,
+            discovery_url=(s.discovery_url or discovery_url_for(s.issuer)) if s.discovers
+            else None,
+            configured={"introspection": s.introspection_url, "jwks": s.jwks_url,
+                        "userinfo": s.userinfo_url},
+            max_age=s.discovery_max_age_seconds,
+            fetch=lambda url: self._call("GET", url))
+
+    @property
+    def token_source(self) -> str:
+        s = self.settings
+        return f"an access token for audience {s.audience[0]!r} from {s.issuer or 'your provider'}"
 
     async def _verify(self, token: str) -> tuple[UserInfo, float | None]:
         if self.settings.mode == "jwt":
@@ -186,14 +226,18 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
         else:
             claims = await self._introspected_claims(token)
         exp = claims.get("exp")
+        claims = await self._with_userinfo(token, claims)
         return self._user(claims), float(exp) if isinstance(exp, int | float) else None
 
     async def _probe(self) -> Health:
         s = self.settings
+        url = await self.endpoints.get("jwks" if s.mode == "jwt" else "introspection")
+        if url is None:
+            return Health(ok=False, detail=f"the provider publishes no {s.mode} endpoint")
         if s.mode == "introspection":
             form, auth = self._client_auth()
-            return await self._probe_introspection(s.introspection_url, form, auth)
-        response = await self._call("GET", str(s.jwks_url))
+            return await self._probe_introspection(url, form, auth)
+        response = await self._call("GET", url)
         if response.status_code != 200:
             return Health(ok=False, detail=f"JWKS answered {response.status_code}")
         data = self._json(response, "JWKS")
@@ -239,19 +283,58 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
         s = self.settings
         form, auth = self._client_auth()
         form.update(token=token, token_type_hint="access_token")
-        claims = await self._introspect(s.introspection_url, form, auth, "introspection")
+        url = await self.endpoints.get("introspection")
+        if url is None:
+            raise BackendError(MISCONFIGURED,
+                               log_message="the provider publishes no introspection_endpoint")
+        claims = await self._introspect(url, form, auth, "introspection")
         check_introspected(claims, audiences=set(s.audience), issuer=s.issuer,
                            leeway=s.leeway_seconds, require_exp=False, require_iss=True,
                            client_id_is_audience=s.accept_client_id_as_audience)
         return claims
 
+    def _needed_claims(self) -> list[str]:
+        s = self.settings
+        return [s.username_claim, s.email_claim,
+                *([s.groups_claim] if s.required_group is not None else [])]
+
+    async def _with_userinfo(self, token: str, claims: dict[str, Any]) -> dict[str, Any]:
+        """``claims`` completed from userinfo when the token lacks a claim sign-in needs
+        (access tokens often carry only ``sub``); the token's own claims always win."""
+        missing = [c for c in self._needed_claims() if claims.get(c) in (None, "", [])]
+        if not missing or not self.settings.use_userinfo:
+            return claims
+        url = await self.endpoints.get("userinfo")
+        if url is None:
+            return claims
+        response = await self._call("GET", url, headers={"Authorization": f"Bearer {token}"})
+        if response.status_code != 200:
+            # 401/403: this token is not good for userinfo (one meant for a resource server,
+            # say); the claims stay missing and the answer names them.
+            return claims
+        info = self._json(response, "userinfo")
+        if not isinstance(info, dict):
+            return claims
+        if info.get("sub") != claims.get("sub"):
+            # OIDC Core 5.3.2: another subject's claims must never complete this one's.
+            raise reject(f"userinfo sub {info.get('sub')!r} is not the token's")
+        # Once asked, the display names (and groups) it has fill in the token's gaps too.
+        s = self.settings
+        gaps = {*missing, *(c for c in (s.first_name_claim, s.last_name_claim, s.groups_claim)
+                            if claims.get(c) in (None, "", []))}
+        return {**claims, **{c: info[c] for c in gaps if c in info}}
+
     def _user(self, claims: dict[str, Any]) -> UserInfo:
         s = self.settings
         username, email = claims.get(s.username_claim), claims.get(s.email_claim)
-        if not isinstance(username, str) or not username or len(username) > 150:
+        if username in (None, "") or email in (None, ""):
+            claim = s.username_claim if username in (None, "") else s.email_claim
+            raise AuthenticationFailed(MISSING_CLAIM.format(claim=claim),
+                                       log_message=f"token without a {claim!r} claim")
+        if not isinstance(username, str) or len(username) > 150:
             raise reject(f"no usable {s.username_claim!r} claim")
-        if not isinstance(email, str) or not email or len(email) > 254:
-            raise reject(f"{username!r} has no {s.email_claim!r} claim")
+        if not isinstance(email, str) or len(email) > 254:
+            raise reject(f"{username!r} has no usable {s.email_claim!r} claim")
         if s.required_group is not None and s.required_group not in as_list(
                 claims.get(s.groups_claim)):
             raise Forbidden(NOT_IN_GROUP, log_message=(

@@ -77,6 +77,8 @@ def provider_up(request: pytest.FixtureRequest) -> Any:
         idp = request.getfixturevalue("provider")
         idp.fail_with = None
         idp.unknown_token_answer = None
+        idp.discovery.clear()
+        idp.userinfo_sub = None
 
 
 @pytest.fixture(scope="session")
@@ -95,19 +97,9 @@ def config_text(name: str, provider_url: str) -> str:
     return text.replace("@PROVIDER@", provider_url).replace("@OS_USER@", MAPPED_OS_USER)
 
 
-def build_from(name: str, provider_url: str, data_dir: Path):
-    from controllers.registry import build_controllers
-    from core.config import parse_config
-
-    path = TESTS / "data" / name
-    config = parse_config(tomllib.loads(config_text(name, provider_url)), path)
-    return build_controllers(config, file=str(path), data_dir=data_dir)
-
-
-def build_auth(name: str, provider_url: str, **changes: Any) -> Any:
-    """The api auth method of config ``name`` with ``changes`` to its settings (``None``
-    removes a key), built alone: for checks on the plugin itself."""
-    from controllers.registry import build_controllers
+def _config(name: str, provider_url: str, changes: dict[str, Any]) -> Any:
+    """Config ``name`` parsed, with ``changes`` to its api auth method's settings (``None``
+    removes a key)."""
     from core.config import parse_config
 
     data = tomllib.loads(config_text(name, provider_url))
@@ -118,8 +110,20 @@ def build_auth(name: str, provider_url: str, **changes: Any) -> Any:
             details.pop(key, None)
         else:
             details[key] = value
-    path = TESTS / "data" / name
-    return build_controllers(parse_config(data, path), file=str(path), data_dir=TESTS).api_auth
+    return parse_config(data, TESTS / "data" / name)
+
+
+def build_from(name: str, provider_url: str, data_dir: Path, **changes: Any):
+    from controllers.registry import build_controllers
+
+    return build_controllers(_config(name, provider_url, changes),
+                             file=str(TESTS / "data" / name), data_dir=data_dir)
+
+
+def build_auth(name: str, provider_url: str, **changes: Any) -> Any:
+    """The api auth method of config ``name`` with ``changes`` to its settings, built
+    alone: for checks on the plugin itself."""
+    return build_from(name, provider_url, TESTS, **changes).api_auth
 
 
 def stable_sub(username: str) -> str:

@@ -4,6 +4,10 @@
   or by ``client_id``/``client_secret`` in the form (RFC 6749 2.3.1); an unknown, expired or
   revoked token is ``{"active": false}`` and nothing else.
 - ``GET /jwks``: the public signing keys (RSA and EC) as a JWK Set (RFC 7517).
+- ``GET /.well-known/openid-configuration``: OIDC Discovery metadata naming the endpoints
+  (``discovery`` replaces or adds fields, e.g. another ``issuer``).
+- ``GET /userinfo``: OIDC userinfo for a bearer access token (opaque, or a JWT of ours):
+  the ``sub`` and what ``profiles`` holds for it (``userinfo_sub`` overrides the sub).
 - ``POST /v2/oauth2/token/introspect``: Globus Auth's introspection (basic client auth,
   ``include=identity_set``), answering Globus's fields.
 - ``GET /v2/groups/my_groups``: the Globus Groups API, the caller's groups with
@@ -68,6 +72,10 @@ class FakeProvider:
     fail_with: int | None = None
     unknown_token_answer: tuple[int, dict[str, Any]] | None = None
     hits: dict[str, int] = field(default_factory=dict)
+    # sub -> the claims userinfo answers for it
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    discovery: dict[str, Any] = field(default_factory=dict)
+    userinfo_sub: str | None = None
 
     def __post_init__(self) -> None:
         self.published = self.published or [self.rsa, self.ec]
@@ -112,6 +120,10 @@ class FakeProvider:
         self.hits[scope["path"]] = self.hits.get(scope["path"], 0) + 1
         if self.fail_with is not None:
             status, answer = self.fail_with, {"error": "temporarily_unavailable"}
+        elif route == ("GET", "/.well-known/openid-configuration"):
+            status, answer = 200, self._metadata()
+        elif route == ("GET", "/userinfo"):
+            status, answer = self._userinfo(headers)
         elif route == ("GET", "/jwks"):
             status, answer = 200, {"keys": [k.public_jwk() for k in self.published]}
         elif route == ("POST", "/oauth2/introspect"):
@@ -126,6 +138,38 @@ class FakeProvider:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), *extra]})
         await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+    def _metadata(self) -> dict[str, Any]:
+        return {"issuer": self.issuer, "jwks_uri": f"{self.issuer}/jwks",
+                "introspection_endpoint": f"{self.issuer}/oauth2/introspect",
+                "userinfo_endpoint": f"{self.issuer}/userinfo",
+                "token_endpoint": f"{self.issuer}/oauth2/token",
+                "response_types_supported": ["code"], "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["RS256", "ES256"],
+                **self.discovery}
+
+    def _bearer_claims(self, headers: dict[str, str]) -> dict[str, Any] | None:
+        auth = headers.get("authorization", "")
+        if not auth.lower().startswith("bearer "):
+            return None
+        token = auth[7:]
+        claims = self._active(token)
+        if claims is not None:
+            return claims
+        for key in self.published:
+            try:
+                return jwt.decode(token, key.private.public_key(), algorithms=[key.alg],
+                                  options={"verify_aud": False})
+            except jwt.PyJWTError:
+                continue
+        return None
+
+    def _userinfo(self, headers: dict[str, str]) -> tuple[int, Any]:
+        claims = self._bearer_claims(headers)
+        if claims is None:
+            return 401, {"error": "invalid_token"}
+        sub = claims["sub"]
+        return 200, {**self.profiles.get(sub, {}), "sub": self.userinfo_sub or sub}
 
     def _client_ok(self, headers: dict[str, str], form: dict[str, str],
                    allow_post: bool) -> bool:

@@ -6,7 +6,7 @@ import secrets
 
 import pytest
 
-from controllers.auth.oidc import NOT_IN_GROUP
+from controllers.auth.oidc import MISSING_CLAIM, NOT_IN_GROUP
 from controllers.errors import AuthenticationFailed
 from tests.conftest import eventually
 from tests.identity.conftest import (
@@ -76,7 +76,10 @@ async def test_wrong_audience_issuer_or_group(introspection_client, provider) ->
     await assert_refused(introspection_client, opaque(provider, iss="https://evil.example"))
     await assert_forbidden(introspection_client, opaque(provider, memberOf=["staff"]),
                            NOT_IN_GROUP)
-    await assert_refused(introspection_client, opaque(provider, email=None))
+    # No e-mail in the token, none from userinfo: a 401 that names the claim.
+    r = await sign_in(introspection_client, opaque(provider, email=None))
+    assert r.status_code == 401
+    assert r.json()["message"] == MISSING_CLAIM.format(claim="email")
 
 
 async def test_provider_down_issues_no_token(introspection_client, provider) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from temporalio import activity
 
 from activities.heartbeat import heartbeating
-from controllers.base import ExternalAccount, JobContext, LaunchRequest
+from controllers.base import ExternalAccount, JobContext, JobState, LaunchRequest
 from controllers.errors import InvalidRequest
 from controllers.registry import Controllers
 from db import accounts, reads
@@ -121,11 +121,11 @@ class JobActivities:
             remaining = deadline - loop.time()
             if state.status != inp.known_status or remaining <= 0:
                 break
-            if state.status in ("complete", "failed"):
+            if state.status in ("complete", "failed") or _reason_changed(inp, state):
                 break
             activity.heartbeat()
             state = await resource.wait(inp.handle, min(remaining, _HEARTBEAT_SECONDS))
-            if state.status != inp.known_status:
+            if state.status != inp.known_status or _reason_changed(inp, state):
                 break
         return WatchResult(status=state.status, detail=state.detail, exit_code=state.exit_code,
                            core_hours=state.core_hours, hostname=state.hostname)
@@ -184,6 +184,12 @@ class JobActivities:
         return [self.prepare_job, self.launch_job, self.abandon_launch, self.watch_job,
                 self.stop_job, self.job_connection, self.record_job_status,
                 self.session_idle_seconds, self.finalize_job]
+
+
+def _reason_changed(inp: WatchInput, state: JobState) -> bool:
+    """A queued job whose reason moved on (Priority to Resources, say): worth showing."""
+    return (inp.known_detail is not None and state.status == "pending"
+            and state.detail != inp.known_detail)
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

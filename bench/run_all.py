@@ -37,6 +37,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "passthrough": ([], ["--duration", "3"]),
     "load": (["--duration", "60"], ["--users", "10", "--duration", "20"]),
     "slurm_latency": ([], ["--jobs", "3"]),
+    "slurm_session": ([], ["--sessions", "1"]),
     "launch_failure": ([], ["--jobs", "3"]),
 }
 

@@ -62,6 +62,9 @@ _PATCH_EXTEND_RESTARTS_WATCH = "extend-restarts-watch"
 # Prepare and launch race a stop request, the time limit and the pending limit, and a
 # failure that no retry can cure ends the job; before, they were awaited to the end.
 _PATCH_LAUNCH_RACES = "launch-races-stop-and-deadline"
+# A job queued on the resource shows why (Slurm's Resources, Priority...) in its details
+# and events, each time the reason changes.
+_PATCH_PENDING_REASON = "pending-reason-shown"
 
 
 def _permanent_reason(err: ActivityError) -> str | None:
@@ -260,6 +263,7 @@ class JobWorkflow:
         inp, st = self._inp, self.state
         assert st.handle is not None
         connection_backoff = 1.0
+        show_reason = workflow.patched(_PATCH_PENDING_REASON)
         for _ in range(inp.loops_before_continue):
             if self.status == "pending" and self._pending_remaining() <= 0 and not st.fail_reason:
                 st.fail_reason = self._still_pending()
@@ -273,7 +277,8 @@ class JobWorkflow:
             if (self.status == "running" and not st.connection_known
                     and inp.job_details.get("interactive")):
                 chunk = min(chunk, connection_backoff)
-            result = await self._watch_once(chunk)
+            known_reason = st.pending_reason if show_reason and self.status == "pending" else None
+            result = await self._watch_once(chunk, known_reason)
             if result is None:  # interrupted by a stop request or the deadline
                 continue
             if result.status in ("complete", "failed"):
@@ -288,10 +293,16 @@ class JobWorkflow:
                     min(2.0 ** st.unknown_streak, _MAX_UNKNOWN_BACKOFF))
                 continue
             st.unknown_streak = 0
+            if known_reason is not None and result.status == "pending" \
+                    and result.detail != st.pending_reason:
+                await self._show_pending_reason(result.detail)
             if result.status == "running" and self.status != "running":
                 st.hostname = result.hostname or "127.0.0.1"
+                # A reason shown while queued no longer holds.
+                cleared = {"pending_reason": None} if st.pending_reason else None
                 await self._record(JobStatusUpdate(
                     job_id=inp.job_id, status="running", set_start=True, event="running",
+                    current_job_details=cleared,
                 ))
             if (self.status == "running" and not st.connection_known
                     and inp.job_details.get("interactive")):
@@ -303,14 +314,23 @@ class JobWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(JobContinuation(inp=inp, state=st))
 
-    async def _watch_once(self, seconds: float) -> WatchResult | None:
+    async def _show_pending_reason(self, reason: str) -> None:
+        self.state.pending_reason = reason
+        await self._record(JobStatusUpdate(
+            job_id=self._inp.job_id, status="pending",
+            current_job_details={"pending_reason": reason or None},
+            event=f"queued: {reason}" if reason else "queued",
+        ))
+
+    async def _watch_once(self, seconds: float,
+                          known_reason: str | None = None) -> WatchResult | None:
         st = self.state
         assert st.handle is not None
         handle = workflow.start_activity(
             "watch_job",
             WatchInput(resource_name=self._inp.resource_name, handle=st.handle,
                        timeout_seconds=max(seconds, 0.0), known_status=self.status,
-                       deadline_epoch=st.deadline_epoch),
+                       deadline_epoch=st.deadline_epoch, known_detail=known_reason),
             result_type=WatchResult,
             start_to_close_timeout=timedelta(seconds=seconds + 120),
             heartbeat_timeout=_WATCH_HEARTBEAT,

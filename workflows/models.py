@@ -119,6 +119,8 @@ class JobRunState:
     # Why the job failed without reaching (or leaving) the resource's queue, if it did.
     fail_reason: str = ""
     pending_since: float = 0.0  # workflow time of the first run
+    # Why the resource keeps the job queued, as last shown (Slurm's Resources, say).
+    pending_reason: str = ""
 
 
 @dataclass
@@ -166,6 +168,8 @@ class WatchInput:
     # Our deadline (epoch seconds), so a resource with a limit of its own can keep up
     # with extensions; 0 in watches recorded before it existed.
     deadline_epoch: float = 0.0
+    # Also return when a pending job's reason differs from this one (None: never).
+    known_detail: str | None = None
 
 
 @dataclass

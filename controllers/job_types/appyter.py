@@ -18,6 +18,7 @@ from typing import cast
 from controllers.base import Connection, JobContext, JobType, JobTypeSettings
 from controllers.job_types.jupyter_lab import (
     SESSION_HOST,
+    connection_hostname,
     http_status,
     interpreter,
     passthrough_path,
@@ -107,6 +108,7 @@ cd {q(ctx.workdir)}
 
     async def connection(self, ctx: JobContext, hostname: str) -> Connection | None:
         session = session_of(ctx)
+        hostname = connection_hostname(session, hostname)
         path = passthrough_path(hostname, ctx.job_id)
         status = await http_status(session, path)
         # Any answer short of a server error means the Appyter is up (a redirect counts).

@@ -36,8 +36,18 @@ _TOKEN = re.compile(r"^[0-9a-f]{16,128}$")
 
 
 def session_hostname(ctx: JobContext) -> str:
-    """The resource's hostname, the second part of the passthrough path."""
+    """The resource's hostname, the second part of the passthrough path: the one the
+    resource fixed with the session's endpoint, if it did."""
+    if ctx.session is not None and ctx.session.hostname:
+        return ctx.session.hostname
     return str(ctx.job_details.get("hostname") or SESSION_HOST)
+
+
+def connection_hostname(session: SessionEndpoint, found_on: str) -> str:
+    """The passthrough path's host once the job runs: the resource's label for the
+    session when it fixed one before launch (the script's base URL uses it), else the
+    host the job was found running on."""
+    return session.hostname or found_on
 
 
 def passthrough_path(hostname: str, job_id: int) -> str:
@@ -190,6 +200,7 @@ exec {q(python)} -m jupyter lab \\
 
     async def connection(self, ctx: JobContext, hostname: str) -> Connection | None:
         session = session_of(ctx)
+        hostname = connection_hostname(session, hostname)
         token = read_token(session)
         if token is None:
             return None

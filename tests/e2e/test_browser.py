@@ -38,17 +38,8 @@ async def browser() -> AsyncIterator[object]:
         await chromium.close()
 
 
-async def test_notebook_runs_in_the_browser_through_the_passthrough(
-    client, auth, server_url, api_client_key, browser
-) -> None:
-    job_id, details = await start_lab(client, auth)
-    # What a portal does: url_domain + url_path (url_domain: the address this client used).
-    connection = details["connection_details"]
-    assert connection["url_domain"] == server_url
-    link = connection["url_domain"] + connection["url_path"]
-
-    owner = await browser.new_context()
-    page = await owner.new_page()
+async def print_6_times_7(page, link: str) -> str:
+    """Open a session's link, make a notebook, run ``print(6*7)``; the cell's output."""
     page.set_default_timeout(90_000)
     await page.goto(link)
     await page.wait_for_selector(".jp-LauncherCard")
@@ -69,7 +60,21 @@ async def test_notebook_runs_in_the_browser_through_the_passthrough(
             break
         except PlaywrightTimeout:
             continue
-    assert (await output.inner_text()).strip() == "42"
+    return (await output.inner_text()).strip()
+
+
+async def test_notebook_runs_in_the_browser_through_the_passthrough(
+    client, auth, server_url, api_client_key, browser
+) -> None:
+    job_id, details = await start_lab(client, auth)
+    # What a portal does: url_domain + url_path (url_domain: the address this client used).
+    connection = details["connection_details"]
+    assert connection["url_domain"] == server_url
+    link = connection["url_domain"] + connection["url_path"]
+
+    owner = await browser.new_context()
+    page = await owner.new_page()
+    assert await print_6_times_7(page, link) == "42"
 
     # Someone else with the same link: the ticket was spent, and they have no cookie.
     stranger = await browser.new_context()

@@ -22,6 +22,8 @@ REQUIRED = {
     "share_resumed_accepted", "share_failed", "share_expired", "share_declined",
     "slurm_job_complete", "slurm_job_failed", "slurm_job_stopped", "slurm_job_time_limit",
     "slurm_job_unreachable", "slurm_launch_retried",
+    "slurm_session_stopped", "slurm_session_idle_stopped", "slurm_session_queued",
+    "slurm_session_worker_killed", "slurm_session_requeued",
     "scan_coalesced", "scan_continued_as_new", "upkeep_usage", "upkeep_reconcile",
 }
 

@@ -68,13 +68,24 @@ def slurm_cluster(slurm_root: Path) -> Iterator[slurm_dev.DevCluster]:
     slurm_dev.stop(cluster)
 
 
+# A session type that idle culling stops within seconds, for the tests only.
+IDLE_JOB_TYPE = "jupyter_lab_idle"
+IDLE_MINUTES = 0.25
+_IDLE_TYPE = f"""
+[available_job_types.{IDLE_JOB_TYPE}]
+name = "Jupyter Lab, stopped when idle"
+job_type = "JupyterLabJob"
+environment_details.slurm_resource = {{ python = "", idle_timeout_minutes = {IDLE_MINUTES} }}
+"""
+
+
 @pytest.fixture(scope="package")
 def slurm_config_file(slurm_root: Path, slurm_cluster: slurm_dev.DevCluster) -> Path:
     text = SLURM_CONFIG.read_text()
     text = text.replace('"http://127.0.0.1:6820"', f'"{slurm_cluster.rest_url}"')
     text = text.replace('"/tmp/uws-slurm-dev/etc/jwt_hs256.key"', f'"{slurm_cluster.jwt_key}"')
     path = slurm_root / "config.toml"
-    path.write_text(text)
+    path.write_text(text + _IDLE_TYPE)
     return path
 
 
@@ -119,22 +130,43 @@ def stop_uws(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+class UwsStack:
+    """The package's ``uws api`` and ``uws worker`` processes; a test may kill the worker
+    and start another in its place (teardown stops whichever runs then)."""
+
+    def __init__(self, env: dict[str, str], root: Path) -> None:
+        self.env, self.root = env, root
+        self.url = f"http://127.0.0.1:{env['UWS_PORT']}"
+        self.worker = start_uws("worker", env, root / "worker.log")
+        self.api = start_uws("api", env, root / "api.log")
+
+    def replace_worker(self) -> None:
+        self.worker = start_uws("worker", self.env, self.root / "worker.log")
+
+    def stop(self) -> None:
+        stop_uws(self.api)
+        stop_uws(self.worker)
+
+
 @pytest.fixture(scope="package")
-def slurm_server_url(temporal_env, slurm_settings: Settings, slurm_root: Path,
-                     engine) -> Iterator[str]:
+def slurm_stack(temporal_env, slurm_settings: Settings, slurm_root: Path,
+                engine) -> Iterator[UwsStack]:
     """``uws worker`` and ``uws api`` as processes of their own: an app in this process
     would rebind the database tables to its own engine (and close it when it stops)."""
     env = slurm_env(temporal_env, slurm_settings)
-    port = free_port()
-    env.update(UWS_HOST="127.0.0.1", UWS_PORT=str(port))
-    worker = start_uws("worker", env, slurm_root / "worker.log")
-    api = start_uws("api", env, slurm_root / "api.log")
+    env.update(UWS_HOST="127.0.0.1", UWS_PORT=str(free_port()))
+    stack = UwsStack(env, slurm_root)
     try:
-        wait_for_port("127.0.0.1", port, timeout=60, proc=api, what="uws api")
-        yield f"http://127.0.0.1:{port}"
+        wait_for_port("127.0.0.1", int(env["UWS_PORT"]), timeout=60, proc=stack.api,
+                      what="uws api")
+        yield stack
     finally:
-        stop_uws(api)
-        stop_uws(worker)
+        stack.stop()
+
+
+@pytest.fixture(scope="package")
+def slurm_server_url(slurm_stack: UwsStack) -> str:
+    return slurm_stack.url
 
 
 @pytest.fixture(scope="package")
@@ -167,16 +199,21 @@ class SlurmUser:
         self.headers = {"UWS-Authorization": f"Token {token}"}
 
 
-@pytest.fixture
-async def slurm_user(slurm_client: httpx.AsyncClient, slurm_api_key: str) -> SlurmUser:
+async def make_slurm_user(client: httpx.AsyncClient, api_key: str) -> SlurmUser:
+    """A new user signed in through the portal flow (their OS account is created)."""
     name = f"{USER_PREFIX}{secrets.token_hex(4)}"
     _created_users.append(name)
-    r = await slurm_client.post("/tokens/", json={
-        "client_token": slurm_api_key,
+    r = await client.post("/tokens/", json={
+        "client_token": api_key,
         "user_info": {"username": name, "email": f"{name}@example.org"},
     })
     assert r.status_code == 200, r.text
     return SlurmUser(name, r.json()["token"])
+
+
+@pytest.fixture
+async def slurm_user(slurm_client: httpx.AsyncClient, slurm_api_key: str) -> SlurmUser:
+    return await make_slurm_user(slurm_client, slurm_api_key)
 
 
 @pytest.fixture

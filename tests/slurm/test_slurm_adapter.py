@@ -57,6 +57,24 @@ def test_running_uses_now_and_tells_time_left() -> None:
     assert job_state(_job("PENDING", start_time=0, end_time=0), NOW).core_hours == 0
 
 
+def test_requeued_job_is_failed_whatever_its_state() -> None:
+    # Slurm requeued it (its node failed, or it was preempted): pending again, or even
+    # running a second time, it is not the run we watched.
+    for state in ("PENDING", "RUNNING", "COMPLETED"):
+        st = job_state(_job(state, restart_count=1, state_reason="BeginTime"), NOW)
+        assert st.status == "failed", state
+        assert st.detail == "Slurm job 7 was requeued by Slurm (its node failed or it was " \
+            "preempted)"
+    record = AdapterV0038().parse_jobs({"jobs": [{"job_id": 7, "job_state": "PENDING",
+                                                  "restart_cnt": 2}]})
+    assert record[0].restart_count == 2
+
+
+def test_pending_reason_is_the_detail() -> None:
+    assert job_state(_job("PENDING", state_reason="Resources"), NOW).detail == "Resources"
+    assert job_state(_job("PENDING", state_reason="None"), NOW).detail == ""
+
+
 def test_limit_grows_only_for_an_extension() -> None:
     submitted = 1_000_000.6  # our deadline counts from here; Slurm starts a moment later
     deadline = submitted + 7 * 60

@@ -69,6 +69,8 @@ class SlurmJob:
     exit_code: int | None = None  # the raw wait status: ``exit 3`` gives 768
     batch_host: str = ""
     workdir: str = ""
+    # How often Slurm requeued the job (after a node failure or a preemption).
+    restart_count: int = 0
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 

@@ -7,6 +7,11 @@ name, user and directory and returns it instead of submitting a second one.
 
 Anything slurmrestd cannot answer (unreachable, an error, a job Slurm has purged after
 ``MinJobAge``) is ``unknown``, never an end: the workflow keeps what it recorded.
+
+Interactive sessions listen where ``sessions.py`` decides (a Unix socket in a directory of
+the owner's under the server's ``sessions_dir``), and their directory goes when the job
+ends. A job Slurm requeued (its node failed, it was preempted) ends ``failed`` and is
+cancelled: a session or a script is never run a second time behind the workflow's back.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -29,6 +35,7 @@ from controllers.base import (
     JobState,
     LaunchRequest,
     PluginSettings,
+    SessionEndpoint,
 )
 from controllers.errors import BackendError, InvalidRequest
 from controllers.resources.slurm.adapter import (
@@ -38,6 +45,7 @@ from controllers.resources.slurm.adapter import (
     SlurmJob,
     SubmitSpec,
 )
+from controllers.resources.slurm.sessions import SessionDirs
 from controllers.resources.slurm.tokens import TokenSource
 from controllers.resources.slurm.v0_0_38 import AdapterV0038
 
@@ -83,6 +91,11 @@ class SlurmSettings(PluginSettings):
     poll_interval_seconds: float = Field(1.0, gt=0)
     request_timeout_seconds: float = Field(10.0, gt=0)
     stop_poll_seconds: float = Field(0.2, gt=0)
+    # Interactive sessions listen on a Unix socket in <sessions_dir>/<job id>/ (relative:
+    # under UWS_DATA_DIR): the compute node must be this machine (see sessions.py).
+    sessions_dir: str = "sessions"
+    # The host part of the sessions' passthrough paths (default: this machine's name).
+    session_hostname: str = ""
 
     @model_validator(mode="after")
     def _one_token_source(self) -> SlurmSettings:
@@ -113,6 +126,12 @@ def job_state(job: SlurmJob, now: float) -> JobState:
     core_hours = job.cpus * elapsed / 3600
     common: dict[str, Any] = {"core_hours": core_hours, "hostname": job.batch_host or None}
     reason = "" if job.state_reason in ("", "None") else job.state_reason
+    if job.restart_count:
+        # Slurm requeued it after its node failed or it was preempted (JobRequeue=1, the
+        # default; v0.0.38 ignores a submission's "requeue": false). The run we watched is
+        # gone: it ends failed, and is cancelled rather than run again behind our back.
+        return JobState(status="failed", detail=f"Slurm job {job.job_id} was requeued by "
+                        "Slurm (its node failed or it was preempted)", **common)
     if job.state in PENDING_STATES:
         return JobState(status="pending", detail=reason, **common)
     if job.state in RUNNING_STATES:
@@ -158,10 +177,31 @@ class SlurmResource(ComputeResource):
                                   lifespan_s=s.token_lifespan_seconds)
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
+        self.sessions = SessionDirs(s.sessions_dir, s.session_hostname
+                                    or socket.gethostname().split(".")[0])
 
     @property
     def s(self) -> SlurmSettings:
         return self.settings  # type: ignore[return-value]
+
+    async def prepare(self) -> None:
+        self.sessions.check()
+
+    # --- sessions --------------------------------------------------------------------
+
+    def session_endpoint(self, job_id: int, account: ExternalAccount) -> SessionEndpoint:
+        return self.sessions.endpoint(job_id, account)
+
+    async def prepare_session(self, job_id: int, account: ExternalAccount) -> SessionEndpoint:
+        endpoint = self.sessions.endpoint(job_id, account)
+        await asyncio.to_thread(self.sessions.make, job_id, account)
+        return endpoint
+
+    async def _forget_session(self, handle: Mapping[str, Any]) -> None:
+        """The job ended: its session's directory (socket, token) goes with it."""
+        job_id = handle.get("job_id")
+        if isinstance(job_id, int):
+            await asyncio.to_thread(self.sessions.remove, job_id)
 
     # --- HTTP ------------------------------------------------------------------------
 
@@ -298,7 +338,21 @@ class SlurmResource(ComputeResource):
         jobs = [j for j in self.adapter.parse_jobs(body) if j.job_id == slurm_id]
         if not jobs:
             return JobState(status="unknown", detail=f"Slurm returned no record of {slurm_id}")
-        return job_state(jobs[0], time.time())
+        state = job_state(jobs[0], time.time())
+        if jobs[0].restart_count and jobs[0].state not in FAILED_STATES | {"COMPLETED"}:
+            await self._cancel_requeued(slurm_id, user)
+        if state.status in ("complete", "failed"):
+            await self._forget_session(handle)
+        return state
+
+    async def _cancel_requeued(self, slurm_id: int, user: str) -> None:
+        try:
+            await self._delete(self.adapter.job_path(slurm_id), user, None)
+        except BackendError as err:  # polled again soon: cancelled then
+            log.warning("could not cancel requeued Slurm job %d: %s", slurm_id,
+                        err.log_message)
+        else:
+            log.info("cancelled Slurm job %d: Slurm requeued it", slurm_id)
 
     async def wait(self, handle: Mapping[str, Any], timeout: float) -> JobState:
         """Poll every ``poll_interval_seconds`` until the state changes (an end, or pending
@@ -355,6 +409,14 @@ class SlurmResource(ComputeResource):
         """SIGTERM to the whole job, up to ``grace_seconds`` to end, then cancel."""
         slurm_id, user = int(handle["id"]), str(handle["user"])
         path = self.adapter.job_path(slurm_id)
+        try:
+            await self._stop(handle, path, user, grace_seconds)
+        finally:
+            await self._forget_session(handle)
+
+    async def _stop(self, handle: Mapping[str, Any], path: str, user: str,
+                    grace_seconds: float) -> None:
+        slurm_id = int(handle["id"])
         state = await self.poll(handle)
         if state.status in ("complete", "failed"):
             return
@@ -382,6 +444,7 @@ class SlurmResource(ComputeResource):
         found = await self._find(self.job_name(job_id), account.username, workdir)
         if found is not None:
             await self._delete(self.adapter.job_path(found.job_id), account.username, None)
+        await asyncio.to_thread(self.sessions.remove, job_id)
 
     async def _delete(self, path: str, user: str, params: dict[str, str] | None) -> bool:
         """False when Slurm does not know the job (already gone)."""

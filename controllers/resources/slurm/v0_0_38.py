@@ -68,6 +68,7 @@ class AdapterV0038(SlurmAdapter):
             exit_code=j.get("exit_code") if isinstance(j.get("exit_code"), int) else None,
             batch_host=str(j.get("batch_host") or ""),
             workdir=str(j.get("current_working_directory") or ""),
+            restart_count=_int(j.get("restart_cnt")),
             raw=j,
         )
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from litestar import Controller, Request, get
 
+from api import schemas
+from api.openapi import contract
 from api.state import app_state
 from controllers.base import Plugin
 
@@ -22,7 +24,8 @@ def _version() -> str:
 class CatalogueRoutes(Controller):
     tags = ["catalogue"]
 
-    @get("/job_types/", operation_id="listJobTypes")
+    @get("/job_types/", operation_id="listJobTypes",
+         **contract("List the job types", schemas.JobTypesResponse, 401, 503, auth=False))
     async def list_job_types(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         """The configured job types by id."""
         config = app_state(request).controllers.config
@@ -37,7 +40,8 @@ class CatalogueRoutes(Controller):
             },
         }
 
-    @get("/parameters/", operation_id="listParameters")
+    @get("/parameters/", operation_id="listParameters",
+         **contract("List the job parameters", schemas.ParametersResponse, 401, 503, auth=False))
     async def list_parameters(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         """The job parameters clients may set in ``resource_options``, as configured."""
         config = app_state(request).controllers.config
@@ -48,7 +52,8 @@ class CatalogueRoutes(Controller):
             params.append(item)
         return {"success": True, "message": "Successful.", "data": {"parameters": params}}
 
-    @get("/status/", operation_id="getStatus")
+    @get("/status/", operation_id="getStatus",
+         **contract("Server version and health", schemas.StatusResponse, 401, 503, auth=False))
     async def get_status(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         """Version and the health of every configured controller and service, in the
         reference's sections (status dashboards parse them), each health

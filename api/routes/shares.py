@@ -9,11 +9,12 @@ from typing import Any
 from litestar import Controller, Request, delete, get, post, put
 from litestar.params import FromPath
 
-from api import workflow_ops
+from api import schemas, workflow_ops
 from api.auth import AuthUser, current_user
 from api.body import json_body
 from api.errors import BadRequest, NotFound, PermissionDenied
 from api.ids import parse_id
+from api.openapi import contract, query
 from api.serializers import iso, raw_json
 from api.state import AppState, app_state
 from db import accounts, shares
@@ -21,6 +22,8 @@ from db.tables import Workspace
 
 _TRUE = {"true", "1", "yes", "True"}
 _FALSE = {"false", "0", "no", "False"}
+_FILTER_DOCS = (query("is_accepted", "Only accepted (true) or pending (false) shares.",
+                      enum=("true", "false")),)
 
 
 def _small_workspace(row: Any, p: str) -> dict[str, Any]:
@@ -72,13 +75,17 @@ class SharedWorkspaceRoutes(Controller):
     path = "/shared_workspaces"
     tags = ["shared workspaces"]
 
-    @get("/", operation_id="listSharedWorkspaces")
+    @get("/", operation_id="listSharedWorkspaces",
+         **contract("List shares sent and received",
+                    schemas.ShareListResponse, 401, 503, filters=_FILTER_DOCS))
     async def list_shares(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         """Shares the caller sent (``original_workspaces``) and received
         (``shared_workspaces``), optionally filtered by ``is_accepted``."""
         return await _listing(request, None)
 
-    @get("/{shared_workspace_id:str}/", operation_id="getSharedWorkspace")
+    @get("/{shared_workspace_id:str}/", operation_id="getSharedWorkspace",
+         **contract("Get one share (as lists)",
+                    schemas.ShareListResponse, 401, 503, filters=_FILTER_DOCS))
     async def get_share(
         self, request: Request[Any, Any, Any], shared_workspace_id: FromPath[str]
     ) -> dict[str, Any]:
@@ -87,7 +94,12 @@ class SharedWorkspaceRoutes(Controller):
         sid = parse_id(shared_workspace_id)
         return await _listing(request, sid if sid is not None else -1)
 
-    @post("/", status_code=200, operation_id="shareWorkspace")
+    @post("/", status_code=200, operation_id="shareWorkspace",
+          **contract("Share a copy of a workspace",
+                     schemas.SharesCreatedResponse, 400, 401, 404, 413, 503,
+                     body=schemas.ShareCreate,
+                     examples={"two colleagues": {"original_workspace_id": 3,
+                                                  "shared_user_ids": [5, 6]}}))
     async def create_share(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         """Share a copy of one of the caller's workspaces with each of ``shared_user_ids``;
         the copies and the e-mail invitations are made in the background."""
@@ -115,26 +127,33 @@ class SharedWorkspaceRoutes(Controller):
         return {"success": True, "message": "Successful.",
                 "data": {"shared_workspaces": [mapping_json(r) for r in rows if r]}}
 
-    @put("/{shared_workspace_id:str}/{put_type:str}/", operation_id="acceptSharedWorkspace")
+    @put("/{shared_workspace_id:str}/accept/", operation_id="acceptSharedWorkspace",
+         **contract("Accept a share", schemas.MessageResponse, 401, 404, 503))
     async def accept(
-        self, request: Request[Any, Any, Any], shared_workspace_id: FromPath[str],
-        put_type: FromPath[str],
+        self, request: Request[Any, Any, Any], shared_workspace_id: FromPath[str]
     ) -> dict[str, Any]:
-        """``accept``: the recipient takes the copy; it then lists among their workspaces."""
+        """The recipient takes the copy; it then lists among their workspaces."""
         state, user = app_state(request), current_user(request)
-        sid = parse_id(shared_workspace_id)
-        row = await shares.one(sid) if sid is not None else None
-        if row is None or row["s_user_id"] != user.id:
-            raise _not_found(shared_workspace_id)  # the contract: before the verb
-        if put_type != "accept":
-            raise BadRequest("Invalid PUT type passed.")
+        row = await _received(user, shared_workspace_id)
         # Under the mapping's lock: a withdrawal at the same moment wins or loses whole.
         if not await shares.accept(row["s_id"], user.id):
             raise _not_found(shared_workspace_id)
         await workflow_ops.signal_share(state.temporal, row["s_id"], "accept")
         return {"success": True, "message": "Successful."}
 
-    @delete("/{shared_workspace_id:str}/", status_code=200, operation_id="deleteShare")
+    @put("/{shared_workspace_id:str}/{put_type:str}/", operation_id="sharedWorkspaceAction",
+         include_in_schema=False)
+    async def action(
+        self, request: Request[Any, Any, Any], shared_workspace_id: FromPath[str],
+        put_type: FromPath[str],
+    ) -> dict[str, Any]:
+        # Any other verb: the contract's 400, after the 404 of a share not received.
+        await _received(current_user(request), shared_workspace_id)
+        raise BadRequest("Invalid PUT type passed.")
+
+    @delete("/{shared_workspace_id:str}/", status_code=200, operation_id="deleteShare",
+            **contract("Withdraw or decline a share",
+                       schemas.MessageResponse, 400, 401, 403, 404, 503))
     async def delete_share(
         self, request: Request[Any, Any, Any], shared_workspace_id: FromPath[str]
     ) -> dict[str, Any]:
@@ -160,6 +179,16 @@ class SharedWorkspaceRoutes(Controller):
                                               row["s_id"])
         return {"success": True,
                 "message": f"Shared workspace {shared_workspace_id} queued for deletion."}
+
+
+async def _received(user: AuthUser, raw_id: str) -> dict[str, Any]:
+    """The share the caller received named by ``raw_id``, or the contract's 404 (checked
+    before the verb)."""
+    sid = parse_id(raw_id)
+    row = await shares.one(sid) if sid is not None else None
+    if row is None or row["s_user_id"] != user.id:
+        raise _not_found(raw_id)
+    return row
 
 
 async def _own_workspace(user: AuthUser, raw_id: Any) -> dict[str, Any] | None:

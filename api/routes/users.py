@@ -8,7 +8,9 @@ from litestar import Controller, Request, get
 from litestar.params import FromQuery
 from piccolo.columns.combination import WhereRaw
 
+from api import schemas
 from api.auth import current_user
+from api.openapi import contract
 from api.serializers import user_json
 from db import quotas
 from db.tables import User
@@ -18,7 +20,9 @@ class UserRoutes(Controller):
     path = "/users"
     tags = ["users"]
 
-    @get("/", operation_id="searchUsers")
+    @get("/", operation_id="searchUsers",
+         **contract("Find users to share with",
+                    schemas.UsersResponse, 400, 401, 503))
     async def search_users(
         self, request: Request[Any, Any, Any], search: FromQuery[str] = ""
     ) -> dict[str, Any]:
@@ -42,7 +46,9 @@ class UserRoutes(Controller):
                 "message": "Users matching given parameters could not be found.",
                 "data": {"users": []}}
 
-    @get("/me/quota/", operation_id="getMyQuota")
+    @get("/me/quota/", operation_id="getMyQuota",
+         **contract("The caller's quota and usage",
+                    schemas.QuotaResponse, 401, 503))
     async def my_quota(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         """The caller's limits (``null``: none), usage and reserved core-hours."""
         view = await quotas.view(current_user(request).id)

@@ -10,7 +10,7 @@ from typing import Any
 from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.params import FromPath
 
-from api import workflow_ops
+from api import schemas, workflow_ops
 from api.auth import AuthUser, current_user
 from api.body import json_body, query_filters
 from api.errors import BadRequest, NotFound, ServerError, Unprocessable
@@ -18,7 +18,8 @@ from api.field_limits import check_job_details, check_workspace_fields
 from api.ids import parse_id
 from api.job_start import start_job
 from api.multipart import MultipartReader, boundary_of
-from api.responses import JSON_OBJECT, json_response
+from api.openapi import contract, query
+from api.responses import json_response
 from api.serializers import job_json, origin_of, workspace_json
 from api.state import AppState, app_state
 from api.workspace_details import parse_workspace_details, request_details
@@ -30,6 +31,23 @@ from db.queries import as_json, now
 from db.tables import SharedWorkspaceMapping, Workspace
 
 _FILTERS = ("name", "description", "status")
+_FILTER_DOCS = (
+    query("name", "Only workspaces of exactly this name."),
+    query("description", "Only workspaces of exactly this description."),
+    query("status", "Only workspaces in this status.",
+          enum=("initializing", "idle", "active", "deleting", "error")),
+)
+_CREATE_EXAMPLES = {"files": {
+    "name": "analysis", "description": "A first look at the data",
+    "default_job_type": "jupyter_lab",
+    "workspace_details": {"files": [{"name": "notes.md", "content": "# Notes\n"}],
+                          "symlinks": []},
+}}
+_START_EXAMPLES = {
+    "default": {},
+    "options": {"job_type": "jupyter_lab", "job_details": {},
+                "resource_options": {"num_cpus": 2, "time_limit_min": 60}},
+}
 
 
 def _not_found(workspace_id: Any) -> NotFound:
@@ -86,14 +104,18 @@ class WorkspaceRoutes(Controller):
     path = "/workspaces"
     tags = ["workspaces"]
 
-    @get("/", operation_id="listWorkspaces", responses=JSON_OBJECT)
+    @get("/", operation_id="listWorkspaces",
+         **contract("List the caller's workspaces",
+                    schemas.WorkspaceListResponse, 400, 401, 503, filters=_FILTER_DOCS))
     async def list_workspaces(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """The caller's workspaces, filtered by ``name``, ``description``, ``status``.
         Shared copies not yet accepted are not listed."""
         user = current_user(request)
         return _listing(await reads.workspaces(user.id, query_filters(request, _FILTERS)))
 
-    @get("/{workspace_id:str}/", operation_id="getWorkspace", responses=JSON_OBJECT)
+    @get("/{workspace_id:str}/", operation_id="getWorkspace",
+         **contract("Get one workspace (as a list)",
+                    schemas.WorkspaceListResponse, 400, 401, 503, filters=_FILTER_DOCS))
     async def get_workspace(
         self, request: Request[Any, Any, Any], workspace_id: FromPath[str]
     ) -> Response[bytes]:
@@ -104,7 +126,10 @@ class WorkspaceRoutes(Controller):
             return _listing([])
         return _listing(await reads.workspaces(user.id, query_filters(request, _FILTERS), wid))
 
-    @post("/", status_code=200, operation_id="createWorkspace")
+    @post("/", status_code=200, operation_id="createWorkspace",
+          **contract("Create a workspace",
+                     schemas.WorkspaceCreatedResponse, 400, 401, 413, 500, 503, 507,
+                     body=schemas.WorkspaceCreate, examples=_CREATE_EXAMPLES))
     async def create_workspace(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         """Create a workspace directory with the given files and symlinks.
 
@@ -154,7 +179,11 @@ class WorkspaceRoutes(Controller):
         return {"success": True, "message": "Successful.",
                 "data": {"workspace": workspace_json(created)}}
 
-    @put("/{workspace_id:str}/", operation_id="updateWorkspace")
+    @put("/{workspace_id:str}/", operation_id="updateWorkspace",
+         **contract("Update a workspace, add files and symlinks",
+                    schemas.MessageResponse, 400, 401, 404, 413, 500, 503, 507,
+                    body=schemas.WorkspaceUpdate,
+                    examples={"rename": {"name": "analysis 2"}}))
     async def update_workspace(
         self, request: Request[Any, Any, Any], workspace_id: FromPath[str]
     ) -> dict[str, Any]:
@@ -203,7 +232,9 @@ class WorkspaceRoutes(Controller):
         return {"success": True, "message": "Update successful."}
 
     @put("/{workspace_id:str}/upload/", operation_id="uploadToWorkspace",
-         request_max_body_size=None)
+         request_max_body_size=None,
+         **contract("Upload files into a workspace",
+                    schemas.MessageResponse, 400, 401, 404, 413, 503, 507, upload=True))
     async def upload(
         self, request: Request[Any, Any, Any], workspace_id: FromPath[str]
     ) -> dict[str, Any]:
@@ -263,24 +294,29 @@ class WorkspaceRoutes(Controller):
                                         row["id"], "upload")
         return {"success": True, "message": "Successful upload."}
 
-    @put("/{workspace_id:str}/{put_type:str}/", operation_id="workspaceAction")
+    @put("/{workspace_id:str}/{put_type:str}/", operation_id="workspaceAction",
+         include_in_schema=False)
     async def action(
         self,
         request: Request[Any, Any, Any],
         workspace_id: FromPath[str],
         put_type: FromPath[str],
     ) -> dict[str, Any]:
-        """``start`` launches a job in the workspace; any other verb is refused."""
-        user = current_user(request)
-        row = await _owned(user, workspace_id)
-        if put_type != "start":
-            raise BadRequest("Invalid PUT type passed.")
-        return await self._start(request, user, row)
+        # Every other verb: the contract's 400, after the 404 of an id not the caller's.
+        await _owned(current_user(request), workspace_id)
+        raise BadRequest("Invalid PUT type passed.")
 
-    async def _start(
-        self, request: Request[Any, Any, Any], user: AuthUser, row: dict[str, Any]
+    @put("/{workspace_id:str}/start/", operation_id="startWorkspaceJob",
+         **contract("Start a job in a workspace",
+                    schemas.JobStartedResponse, 400, 401, 404, 413, 422, 500, 503,
+                    body=schemas.JobStart, examples=_START_EXAMPLES))
+    async def start(
+        self, request: Request[Any, Any, Any], workspace_id: FromPath[str]
     ) -> dict[str, Any]:
-        state = app_state(request)
+        """Start a job in the workspace (its default job type unless ``job_type`` is
+        given); the workspace becomes ``active``."""
+        state, user = app_state(request), current_user(request)
+        row = await _owned(user, workspace_id)
         await _refuse_unaccepted_copy(row["id"])
         # The contract: an empty body is invalid JSON here too ({} starts the default job).
         body = await json_body(request, empty_ok=False)
@@ -314,7 +350,8 @@ class WorkspaceRoutes(Controller):
         return {"success": True, "message": "Successful start.",
                 "data": {"job": job_json(job, origin_of(request))}}
 
-    @delete("/{workspace_id:str}/", status_code=200, operation_id="deleteWorkspace")
+    @delete("/{workspace_id:str}/", status_code=200, operation_id="deleteWorkspace",
+            **contract("Delete a workspace", schemas.MessageResponse, 400, 401, 404, 503))
     async def delete_workspace(
         self, request: Request[Any, Any, Any], workspace_id: FromPath[str]
     ) -> dict[str, Any]:

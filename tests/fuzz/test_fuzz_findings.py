@@ -50,6 +50,9 @@ async def test_upload_keeps_a_utf8_filename(client: httpx.AsyncClient, auth: dic
 
 async def test_listings_are_described_as_json_objects(client: httpx.AsyncClient) -> None:
     schema = (await client.get("/schema/openapi.json")).json()
-    for path in ("/workspaces", "/workspaces/{workspace_id}", "/jobs", "/jobs/{job_id}"):
+    for path in ("/workspaces/", "/workspaces/{workspace_id}/", "/jobs/", "/jobs/{job_id}/"):
+        # Finished bytes, still described as the listing's model, not as a string.
         ok = schema["paths"][path]["get"]["responses"]["200"]
-        assert ok["content"]["application/json"]["schema"]["type"] == "object", path
+        ref = ok["content"]["application/json"]["schema"]["$ref"]
+        model = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        assert model["type"] == "object" and "data" in model["properties"], path

@@ -24,7 +24,7 @@ from controllers.registry import Controllers
 from core.logging_setup import configure_logging
 from core.schedules import ensure_schedules
 from core.settings import Settings, get_settings
-from core.temporal import connect
+from core.temporal import connect, credentials_reloaded
 from core.worker_metrics import job_count_exporter, telemetry_runtime
 from db.engine import close_engine, open_engine
 from workflows.job import JobWorkflow
@@ -66,18 +66,25 @@ async def run_worker(settings: Settings | None = None) -> None:
     if not settings.database_url:
         raise RuntimeError("UWS_DATABASE_URL is not set (`uws worker` sets it for you)")
     await controllers.prepare()
+    # Temporal first: a wrong certificate or key stops us before anything else opens.
+    port = settings.worker_metrics_port
+    client = await connect(settings, telemetry_runtime(port) if port is not None else None)
     engine = await open_engine(settings.database_url)
     try:
-        port = settings.worker_metrics_port
-        client = await connect(settings, telemetry_runtime(port) if port is not None else None)
         await ensure_schedules(client, settings.task_queue, controllers.config)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with build_worker(client, controllers, settings.task_queue,
-                                settings.worker_shutdown_seconds), \
-                job_count_exporter(settings.worker_job_metrics_port):
+        worker = build_worker(client, controllers, settings.task_queue,
+                              settings.worker_shutdown_seconds)
+
+        def take_new_connection() -> None:
+            # Same client object, new connection under it: the worker's pollers move over.
+            worker.client = client
+
+        async with worker, job_count_exporter(settings.worker_job_metrics_port), \
+                credentials_reloaded(client, on_reconnect=take_new_connection):
             log.info("worker polling task queue %r", settings.task_queue)
             await stop.wait()
             log.info("worker shutting down")

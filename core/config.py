@@ -6,15 +6,25 @@ main resource, the available auth methods, storages, resources and job types, an
 between sections; plugin settings are validated by ``controllers.registry`` against each
 plugin's own model. Every failure is a ``ConfigError`` naming the file, the key path and
 the reason, so a wrong key stops the server before it serves anything.
+
+Secrets never live in the file: a plugin setting ending in ``_env`` names the environment
+variable holding one (``client_secret_env``, ``password_env``, ``token_env``). Each such
+variable ``NAME`` may instead be given as ``NAME_FILE``, the path of a file holding the
+secret (how container platforms mount secrets): loading reads the file into ``NAME`` for
+the plugins, and a missing or empty file stops start-up like a wrong key.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.settings import SettingsError, read_secret_file
 
 
 class ConfigError(Exception):
@@ -149,7 +159,52 @@ class _RefError(ValueError):
         self.reason = reason
 
 
+# Variables this process filled from their ``_FILE`` twin, with the value put there: a
+# second load (the API and the worker in one test process) may refill them.
+_filled_from_files: dict[str, str] = {}
+
+
+def _secret_env_names(data: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(key path, variable name) of every ``*_env`` setting of the plugins and e-mail."""
+    def walk(node: Any, path: str) -> Iterator[tuple[str, str]]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f"{path}.{key}" if path else str(key)
+                if str(key).endswith("_env") and isinstance(value, str) and value:
+                    yield here, value
+                else:
+                    yield from walk(value, here)
+
+    for section in ("available_user_authentication", "available_storage",
+                    "available_resources"):
+        for name, entry in (data.get(section) or {}).items():
+            if isinstance(entry, dict):
+                yield from walk(entry.get("connection_details"),
+                                f"{section}.{name}.connection_details")
+    yield from walk(data.get("email"), "email")
+
+
+def export_secret_files(data: dict[str, Any], file: Path | str,
+                        environ: MutableMapping[str, str] | None = None) -> None:
+    """Fill each secret variable the config names from ``<NAME>_FILE`` when that is set."""
+    env = os.environ if environ is None else environ
+    for key_path, name in _secret_env_names(data):
+        path = env.get(f"{name}_FILE")
+        if not path:
+            continue
+        try:
+            value = read_secret_file(path, f"{name}_FILE")
+        except SettingsError as exc:
+            raise ConfigError(file, key_path, str(exc)) from None
+        current = env.get(name)
+        if current and current not in (value, _filled_from_files.get(name)):
+            raise ConfigError(file, key_path, f"set either {name} or {name}_FILE, not both")
+        env[name] = value
+        _filled_from_files[name] = value
+
+
 def parse_config(data: dict[str, Any], file: Path | str) -> AppConfig:
+    export_secret_files(data, file)
     try:
         return AppConfig.model_validate(data)
     except ValidationError as exc:

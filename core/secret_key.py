@@ -1,6 +1,7 @@
-"""The server's signing key: ``UWS_SECRET_KEY``, else one generated once under
-``UWS_DATA_DIR`` (shared by every process on this machine; set the variable when API
-processes run on several machines)."""
+"""The server's signing key: ``UWS_SECRET_KEY`` (or the file ``UWS_SECRET_KEY_FILE``
+names, read by ``core.settings``), else one generated once under ``UWS_DATA_DIR`` (shared
+by every process on this machine; set one of the variables when API processes run on
+several machines)."""
 
 from __future__ import annotations
 

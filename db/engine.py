@@ -1,15 +1,79 @@
-"""Engine setup: one asyncpg pool per process, bound to every table."""
+"""Engine setup: one asyncpg pool per process, bound to every table.
+
+The DSN is libpq's: ``?sslmode=verify-full&sslrootcert=/ca.pem`` (and ``sslcert``,
+``sslkey`` for a client certificate) reach asyncpg as they are. They are checked before the
+first connection, and a TLS failure of that connection is told in their terms.
+"""
 
 from __future__ import annotations
 
 import os
-from urllib.parse import unquote, urlsplit, urlunsplit
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import asyncpg
 from piccolo.engine.postgres import PostgresEngine
 
+from core.settings import SettingsError
 from db import reads
 from db.tables import ALL_TABLES
+
+DSN = "UWS_DATABASE_URL"
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_FILE_PARAMS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+T = TypeVar("T")
+
+
+def _params(dsn: str) -> dict[str, str]:
+    return {key: values[-1] for key, values in parse_qs(urlsplit(dsn).query).items()}
+
+
+def check_dsn(dsn: str) -> None:
+    """Reject TLS parameters that cannot work, naming them (never the DSN: it may hold a
+    password)."""
+    query = _params(dsn)
+    mode = query.get("sslmode")
+    if mode is not None and mode not in SSLMODES:
+        raise SettingsError(DSN, f"sslmode={mode} is not one of {', '.join(SSLMODES)}")
+    if query.get("sslrootcert") == "system":
+        raise SettingsError(DSN, "sslrootcert=system is not supported here: give the path "
+                                 "of a CA bundle (e.g. /etc/ssl/certs/ca-certificates.crt)")
+    if ("sslcert" in query) != ("sslkey" in query):
+        raise SettingsError(DSN, "a client certificate needs both sslcert and sslkey")
+    for param in _FILE_PARAMS:
+        if param in query:
+            path = Path(query[param]).expanduser()
+            if not path.is_file():
+                raise SettingsError(DSN, f"{param}={path}: no such file")
+            if not os.access(path, os.R_OK):
+                raise SettingsError(DSN, f"{param}={path}: not readable by this process")
+
+
+async def _explained(dsn: str, connect: Callable[[], Awaitable[T]]) -> T:
+    """``connect()``, its TLS failures turned into what to fix in the DSN."""
+    check_dsn(dsn)
+    query = _params(dsn)
+    mode = query.get("sslmode", "prefer")
+    try:
+        return await connect()
+    except ssl.SSLCertVerificationError as exc:
+        ca = query.get("sslrootcert", "~/.postgresql/root.crt")
+        raise SettingsError(DSN, f"the database server's certificate failed verification "
+                                 f"(sslmode={mode}, sslrootcert={ca}): "
+                                 f"{exc.verify_message}") from None
+    except ssl.SSLError as exc:
+        raise SettingsError(DSN, f"TLS with the database server failed "
+                                 f"(sslmode={mode}): {exc.reason or exc}") from None
+    except asyncpg.exceptions.ClientConfigurationError as exc:
+        raise SettingsError(DSN, str(exc)) from None
+    except ConnectionError as exc:
+        if "SSL" in str(exc) or "TLS" in str(exc):
+            raise SettingsError(DSN, f"the database server does not offer TLS, which "
+                                     f"sslmode={mode} requires") from None
+        raise
 
 
 def make_engine(dsn: str) -> PostgresEngine:
@@ -35,9 +99,10 @@ _open: list[PostgresEngine] = []
 
 async def open_engine(dsn: str, *, min_size: int = 2, max_size: int = 20) -> PostgresEngine:
     """Create the engine, bind the tables to it and open its pool."""
+    check_dsn(dsn)  # before Piccolo's engine, which connects once to read the version
     engine = make_engine(dsn)
-    await engine.start_connection_pool(min_size=min_size, max_size=max_size,
-                                       reset=_keep_session)
+    await _explained(dsn, lambda: engine.start_connection_pool(
+        min_size=min_size, max_size=max_size, reset=_keep_session))
     bind_engine(engine)
     reads.attach(engine.pool)
     _open.append(engine)
@@ -58,7 +123,7 @@ async def ensure_database(dsn: str) -> None:
     parts = urlsplit(dsn)
     name = unquote(parts.path.lstrip("/")) or "postgres"
     admin_dsn = urlunsplit(parts._replace(path="/postgres"))
-    conn = await asyncpg.connect(admin_dsn)
+    conn = await _explained(dsn, lambda: asyncpg.connect(admin_dsn))
     try:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
             quoted = '"' + name.replace('"', '""') + '"'
@@ -72,13 +137,18 @@ async def ensure_database(dsn: str) -> None:
 
 async def migrate(dsn: str) -> None:
     """Apply every pending migration (idempotent)."""
+    check_dsn(dsn)
     os.environ["UWS_DATABASE_URL"] = dsn
     os.environ.setdefault("PICCOLO_CONF", "db.piccolo_conf")
     from piccolo.apps.migrations.commands.forwards import run_forwards
+    from piccolo.apps.migrations.tables import Migration
 
     import db.piccolo_conf as conf
 
     conf.DB = make_engine(dsn)
+    # Piccolo's own table keeps the engine it first found: a second database migrated in
+    # the same process must not be recorded in the first one.
+    Migration._meta.db = conf.DB
     result = await run_forwards(app_name="uws", migration_id="all", fake=False)
     if not result.success:
         raise RuntimeError(f"migration failed: {result.message}")

@@ -7,7 +7,8 @@ Like the other plugins this knows nothing of HTTP or Temporal: the activity that
 (5xx, a refused login, a missing extension: the same message will fail again). Both derive
 from ``EmailSendError``; neither should ever fail the share itself.
 
-Secrets never live in the config: the settings name the environment variables holding them.
+Secrets never live in the config: the settings name the environment variables holding them
+(or, as ``<NAME>_FILE``, the files holding them: mounted container secrets).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from controllers.base import Health, PluginSettings
 from controllers.errors import BackendError, ControllerError, Unavailable
+from core.settings import SettingsError, secret_from_env
 
 # Health checks answer quickly even when sending may wait longer.
 HEALTH_TIMEOUT_S = 5.0
@@ -112,10 +114,14 @@ def _format_expiry(when: datetime) -> str:
 
 
 def _read_env(environ: Mapping[str, str], var: str, setting: str) -> str:
-    value = environ.get(var, "")
+    try:
+        value = secret_from_env(var, environ)
+    except SettingsError as exc:
+        raise EmailConfigError(f"e-mail: {exc} (named by {setting})") from None
     if not value:
         raise EmailConfigError(
-            f"e-mail: environment variable {var!r} (named by {setting}) is not set or empty"
+            f"e-mail: environment variable {var!r} (named by {setting}) is not set or empty "
+            f"(nor {var}_FILE)"
         )
     return value
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from pydantic import ValidationError
 
 from controllers.registry import build_controllers
 from core.config import ConfigError, load_config, parse_config
@@ -190,3 +191,96 @@ def test_auto_as_root_is_multi_user(tmp_path: Path) -> None:
     controllers = build_controllers(config, file="config.toml", data_dir=tmp_path)
     assert controllers.api_auth.accounts.mode == "multi_user"
     assert not controllers.api_auth.serves_one_person
+
+
+# --- secrets from files: each ``*_env`` setting's variable NAME may be NAME_FILE instead ----
+
+def _with_globus(secret_env: str) -> dict:
+    data = _default()
+    data["available_user_authentication"]["globus"] = {
+        "name": "Globus", "user_authentication_type": "GlobusUserAuthentication",
+        "connection_details": {"client_id": "uws", "client_secret_env": secret_env}}
+    return data
+
+
+def test_identity_provider_secret_from_a_file(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container platform mounts the client secret as a file; the plugin (which reads
+    its variable) gets it without knowing."""
+    secret = tmp_path / "globus-secret"
+    secret.write_text("s3cret\n")
+    monkeypatch.delenv("UWS_TEST_GLOBUS_SECRET", raising=False)
+    monkeypatch.setenv("UWS_TEST_GLOBUS_SECRET_FILE", str(secret))
+    config = parse_config(_with_globus("UWS_TEST_GLOBUS_SECRET"), "f.toml")
+    controllers = build_controllers(config, file="f.toml", data_dir=tmp_path)
+    assert "globus" in controllers.auth
+    assert os.environ["UWS_TEST_GLOBUS_SECRET"] == "s3cret"
+    # Loading again (the API and the worker in one process) takes a rotated file.
+    secret.write_text("rotated\n")
+    parse_config(_with_globus("UWS_TEST_GLOBUS_SECRET"), "f.toml")
+    assert os.environ["UWS_TEST_GLOBUS_SECRET"] == "rotated"
+
+
+def test_secret_file_missing_names_the_key_and_variable(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UWS_TEST_SMTP_PASSWORD", raising=False)
+    monkeypatch.setenv("UWS_TEST_SMTP_PASSWORD_FILE", str(tmp_path / "none"))
+    data = _default()
+    data["email"] = {"enabled": False, "username_env": "USER", "password_env":
+                     "UWS_TEST_SMTP_PASSWORD"}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "f.toml")
+    assert str(info.value) == (f"f.toml: email.password_env: UWS_TEST_SMTP_PASSWORD_FILE: the "
+                               f"file {tmp_path / 'none'} does not exist")
+
+
+def test_secret_and_its_file_both_set_is_refused(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("from-file")
+    monkeypatch.setenv("UWS_TEST_GLOBUS_SECRET2", "from-env")
+    monkeypatch.setenv("UWS_TEST_GLOBUS_SECRET2_FILE", str(secret))
+    with pytest.raises(ConfigError) as info:
+        parse_config(_with_globus("UWS_TEST_GLOBUS_SECRET2"), "f.toml")
+    assert info.value.key_path == \
+        "available_user_authentication.globus.connection_details.client_secret_env"
+    assert info.value.reason == \
+        "set either UWS_TEST_GLOBUS_SECRET2 or UWS_TEST_GLOBUS_SECRET2_FILE, not both"
+
+
+def test_uws_secret_settings_have_file_twins(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.settings import Settings, SettingsError
+
+    for name in ("UWS_DATABASE_URL", "UWS_SECRET_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+    key = tmp_path / "secret-key"
+    key.write_text("signing-key\n")
+    dsn = tmp_path / "dsn"
+    dsn.write_text("postgresql://u:pw@db/uws?sslmode=verify-full&sslrootcert=/ca.pem\n")
+    settings = Settings(secret_key_file=key, database_url_file=dsn)
+    assert settings.secret_key == "signing-key"
+    assert settings.database_url == "postgresql://u:pw@db/uws?sslmode=verify-full&" \
+                                    "sslrootcert=/ca.pem"
+    assert "pw@" not in repr(settings) and "signing-key" not in repr(settings)
+    with pytest.raises(ValidationError) as info:
+        Settings(secret_key="other", secret_key_file=key)
+    cause = info.value.errors()[0]["ctx"]["error"]
+    assert isinstance(cause, SettingsError)
+    assert str(cause) == ("UWS_SECRET_KEY_FILE: set either UWS_SECRET_KEY or "
+                          "UWS_SECRET_KEY_FILE, not both")
+    Settings(secret_key="signing-key", secret_key_file=key)  # agreeing: a parent exported it
+
+
+def test_cli_reports_a_missing_secret_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "core.cli", "api"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "UWS_DATABASE_URL": "postgresql:///x",
+                               "UWS_SECRET_KEY_FILE": str(tmp_path / "gone")})
+    assert proc.returncode == 2
+    assert proc.stderr == (f"configuration error: UWS_SECRET_KEY_FILE: the file "
+                           f"{tmp_path / 'gone'} does not exist\n")

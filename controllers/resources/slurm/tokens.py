@@ -1,5 +1,6 @@
 """Slurm JWTs: minted from the cluster's HS256 key (``AuthAltParameters=jwt_key=``) or read
-from an environment variable.
+from an environment variable (or from the file its ``<NAME>_FILE`` twin names, read at
+every use, so a token renewed on disk is taken at once).
 
 A Slurm token is a plain HS256 JWT with the payload ``{"exp", "iat", "sun"}`` (``sun``: the
 Slurm user name). Minted tokens are cached per user and replaced well before they expire.
@@ -11,9 +12,10 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import time
 from pathlib import Path
+
+from core.settings import SettingsError, secret_from_env
 
 
 def _b64(raw: bytes) -> str:
@@ -41,9 +43,13 @@ class TokenSource:
 
     def token_for(self, user: str) -> str:
         if self._key_file is None:
-            token = os.environ.get(self._env_var or "", "")
+            try:
+                token = secret_from_env(self._env_var or "")
+            except SettingsError as exc:
+                raise RuntimeError(f"no Slurm token: {exc}") from None
             if not token:
-                raise RuntimeError(f"environment variable {self._env_var} holds no Slurm token")
+                raise RuntimeError(f"environment variable {self._env_var} (or "
+                                   f"{self._env_var}_FILE) holds no Slurm token")
             return token
         cached = self._cache.get(user)
         now = time.time()

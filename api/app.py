@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Litestar
-from litestar.openapi import OpenAPIConfig
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.template.config import TemplateConfig
 from temporalio.client import Client
 
 from api.auth import HEADER, AuthenticationMiddleware
+from api.browser_auth import COOKIE as BROWSER_COOKIE
 from api.errors import exception_handlers
 from api.live_status import JobEventBus
 from api.metrics import instrument, metrics_endpoint
+from api.openapi import openapi_config
 from api.passthrough_relay import PassthroughRelay
 from api.routes.catalogue import CatalogueRoutes
 from api.routes.jobs import JobRoutes
@@ -29,11 +32,14 @@ from api.session_activity import SessionActivity
 from api.slashes import AppendSlash
 from api.state import AppState
 from api.tokens_cache import TokenCache
+from api.ui.routes import TEMPLATES as UI_TEMPLATES
+from api.ui.routes import UiRoutes
+from api.ui.routes import static_files as ui_static_files
 from controllers.registry import Controllers, build_controllers
 from core.config import load_config
 from core.secret_key import load_secret_key
 from core.settings import Settings, get_settings
-from core.temporal import connect
+from core.temporal import connect, credentials_reloaded
 from db.engine import close_engine, open_engine
 
 log = logging.getLogger("uws.api")
@@ -67,14 +73,18 @@ def create_app(
         await bus.start()
         activity = SessionActivity()
         await activity.start()
-        relay = PassthroughRelay(strip_request_headers=[HEADER])
+        # The session never sees the caller's API key or web-page session: its code is the
+        # user's to run, and a notebook's dependency must not be able to act as its owner.
+        relay = PassthroughRelay(strip_request_headers=[HEADER], strip_cookies=[BROWSER_COOKIE])
         app.state.uws = AppState(
             settings=settings, controllers=controllers, temporal=client, bus=bus,
             relay=relay, activity=activity, secret_key=load_secret_key(settings),
             token_cache=TokenCache(ttl_seconds=settings.token_cache_seconds),
         )
         try:
-            yield
+            # Rotated certificates or API key on disk: the client moves to them in place.
+            async with credentials_reloaded(client):
+                yield
         finally:
             await relay.aclose()
             await activity.stop()
@@ -88,17 +98,14 @@ def create_app(
         route_handlers=[TokenRoutes, WorkspaceRoutes, JobRoutes, CatalogueRoutes, UserRoutes,
                         SharedWorkspaceRoutes,
                         watch_job, watch_jobs, passthrough, metrics_endpoint,
+                        UiRoutes, ui_static_files,
                         *extra_handlers],
         middleware=[AuthenticationMiddleware],
+        template_config=TemplateConfig(directory=UI_TEMPLATES, engine=JinjaTemplateEngine),
         exception_handlers=exception_handlers(),
         lifespan=[lifespan],
         request_max_body_size=settings.max_json_body_bytes,
-        openapi_config=OpenAPIConfig(
-            title="User Workspaces Server",
-            version="1.0.5",
-            description="Workspaces, interactive sessions and batch jobs as durable "
-                        "Temporal workflows. Authenticate with `UWS-Authorization: Token <key>`.",
-        ),
+        openapi_config=openapi_config(controllers.config.parameters),
         debug=False,
         **log_config,
     )))

@@ -11,6 +11,7 @@ from typing import Any
 from litestar import Request
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from api.browser_auth import cookie_user
 from api.errors import NotAuthenticated
 from api.tokens_cache import AuthUser
 from db import reads
@@ -55,7 +56,10 @@ class AuthenticationMiddleware:
         if scope["type"] == "http":
             header = next((v.decode("latin-1") for k, v in scope["headers"] if k == _HEADER_BYTES),
                           None)
-            user = await user_from_header(header, scope["app"].state.uws.token_cache)
+            state = scope["app"].state.uws
+            user = await user_from_header(header, state.token_cache)
+            if header is None:  # the web page's session cookie (api.browser_auth)
+                user = await cookie_user(scope, state.secret_key)
             scope.setdefault("state", {})["user"] = user
         await self.app(scope, receive, send)
 

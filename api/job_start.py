@@ -62,7 +62,9 @@ async def start_job(
     # The workspace's row lock decides between this start and a concurrent delete.
     claim = await workspaces.insert_job(
         workspace["id"], user.id, job_type, resource, options,
-        {"metrics": {"reserved_core_hours": reserve}, "request_job_details": job_details,
+        # time_limit_min: the page's countdown (the deadline runs from the job's creation).
+        {"metrics": {"reserved_core_hours": reserve, "time_limit_min": time_limit},
+         "request_job_details": job_details,
          "current_job_details": {}})
     if claim.job is None:
         await quotas.release_core_hours(user.id, reserve)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from litestar import Litestar
 from litestar.types import Receive, Scope, Send
 
-_NO_REDIRECT_PREFIXES = ("/schema", "/passthrough/", "/metrics")
+_NO_REDIRECT_PREFIXES = ("/schema", "/passthrough/", "/metrics", "/ui/static/")
 
 
 class AppendSlash:

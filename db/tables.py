@@ -170,6 +170,19 @@ class SpentTicket(Table, tablename="uws_spent_ticket"):
     expires = Timestamptz(index=True)
 
 
+class BrowserCredential(Table, tablename="uws_browser_credential"):
+    """The web page's sign-in: a one-time login ticket (``kind`` "ticket", from
+    ``uws login-link`` or a provider sign-in) or the session it became (``kind`` "session",
+    the HttpOnly cookie). Only a SHA-256 of each key is stored: a database read gives no
+    working credential."""
+
+    id = BigSerial(primary_key=True)
+    kind = Varchar(length=8)
+    key_hash = Varchar(length=64, unique=True)
+    user = ForeignKey(references=User, on_delete=OnDelete.cascade, index=True)
+    expires = Timestamptz(index=True)
+
+
 class PersonalOwner(Table, tablename="uws_personal_owner"):
     """A personal server's one person: the first user to sign in (a single row, id 1)."""
 
@@ -188,5 +201,6 @@ ALL_TABLES: list[type[Table]] = [
     DiskReservation,
     SharedWorkspaceMapping,
     SpentTicket,
+    BrowserCredential,
     PersonalOwner,
 ]

@@ -5,15 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, Response, get, put
+from litestar.openapi.spec import OpenAPIType
 from litestar.params import FromPath
 from temporalio.client import WorkflowUpdateFailedError
 
+from api import schemas
 from api.auth import AuthUser, current_user
 from api.body import json_body, query_filters
 from api.errors import BadRequest, NotFound
 from api.ids import parse_id
 from api.job_timeline import job_timeline
-from api.responses import JSON_OBJECT, json_response
+from api.openapi import contract, query
+from api.responses import json_response
 from api.serializers import job_json, origin_of
 from api.session_links import with_ticket
 from api.state import app_state
@@ -26,6 +29,14 @@ from workflows.job import JobWorkflow
 from workflows.models import ExtendRequest, job_workflow_id
 
 _FILTERS = ("workspace_id", "resource_job_id", "job_type", "status")
+_FILTER_DOCS = (
+    query("workspace_id", "Only the jobs of this workspace.", OpenAPIType.INTEGER),
+    query("resource_job_id", "Only the job with this id on its resource.",
+          OpenAPIType.INTEGER),
+    query("job_type", "Only jobs of this job type id."),
+    query("status", "Only jobs in this status.",
+          enum=("pending", "running", "stopping", "complete", "failed")),
+)
 _DEFAULT_MAX_MINUTES = 480
 
 
@@ -72,14 +83,18 @@ class JobRoutes(Controller):
     path = "/jobs"
     tags = ["jobs"]
 
-    @get("/", operation_id="listJobs", responses=JSON_OBJECT)
+    @get("/", operation_id="listJobs",
+         **contract("List the caller's jobs",
+                    schemas.JobListResponse, 400, 401, 503, filters=_FILTER_DOCS))
     async def list_jobs(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """The caller's jobs, filtered by ``workspace_id``, ``resource_job_id``,
         ``job_type``, ``status``."""
         query = _filtered(request, current_user(request))
         return _listing(request, await query if query is not None else [])
 
-    @get("/{job_id:str}/", operation_id="getJob", responses=JSON_OBJECT)
+    @get("/{job_id:str}/", operation_id="getJob",
+         **contract("Get one job (as a list)",
+                    schemas.JobListResponse, 400, 401, 503, filters=_FILTER_DOCS))
     async def get_job(
         self, request: Request[Any, Any, Any], job_id: FromPath[str]
     ) -> Response[bytes]:
@@ -88,7 +103,8 @@ class JobRoutes(Controller):
         query = _filtered(request, current_user(request), jid) if jid is not None else None
         return _listing(request, await query if query is not None else [])
 
-    @get("/{job_id:str}/events/", operation_id="getJobEvents")
+    @get("/{job_id:str}/events/", operation_id="getJobEvents",
+         **contract("A job's timeline", schemas.JobEventsResponse, 401, 404, 503))
     async def job_events(
         self, request: Request[Any, Any, Any], job_id: FromPath[str]
     ) -> dict[str, Any]:
@@ -98,11 +114,30 @@ class JobRoutes(Controller):
         events = await job_timeline(app_state(request).temporal, row["id"])
         return {"success": True, "message": "Successful.", "data": {"events": events or []}}
 
-    @put("/{job_id:str}/{put_type:str}/", operation_id="jobAction")
+    @put("/{job_id:str}/stop/", operation_id="stopJob",
+         **contract("Stop a job", schemas.MessageResponse, 400, 401, 404, 503))
+    async def stop(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str]
+    ) -> dict[str, Any]:
+        """Stop a pending or running job: ``stopping`` now, ``complete`` once its
+        resource has ended it."""
+        return await _act(request, job_id, "stop")
+
+    @put("/{job_id:str}/extend/", operation_id="extendJob",
+         **contract("Extend a job's time limit", schemas.TimeLimitResponse, 400, 401, 404, 413, 503,
+                    body=schemas.JobExtend, examples={"an hour": {"minutes": 60}}))
+    async def extend(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str]
+    ) -> dict[str, Any]:
+        """Give a pending or running job more time, within the time limit parameter's
+        maximum and the caller's core-hour quota."""
+        return await _act(request, job_id, "extend")
+
+    @put("/{job_id:str}/{put_type:str}/", operation_id="jobAction", include_in_schema=False)
     async def action(
         self, request: Request[Any, Any, Any], job_id: FromPath[str], put_type: FromPath[str]
     ) -> dict[str, Any]:
-        """``stop`` ends the job; ``extend`` (``{"minutes": n}``) gives it more time."""
+        # Any other verb: the contract's 400, after the 404 of a job not the caller's.
         return await _act(request, job_id, put_type)
 
     @put("/{job_id:str}/events/", operation_id="jobActionEvents", include_in_schema=False)
@@ -176,5 +211,6 @@ async def _extend(request: Request[Any, Any, Any], row: dict[str, Any]) -> dict[
         await quotas.release_core_hours(row["user"], extra)
         raise
     await job_rows.add_reservation(row["id"], extra)
+    await job_rows.set_time_limit(row["id"], result.time_limit_min)
     return {"success": True, "message": "Time limit extended.",
             "data": {"time_limit_min": result.time_limit_min}}

@@ -18,6 +18,7 @@ from litestar.exceptions import WebSocketDisconnect
 from litestar.params import FromPath
 
 from api.auth import HEADER, AuthUser, user_from_header
+from api.browser_auth import cookie_user
 from api.errors import NotAuthenticated
 from api.ids import parse_id
 from api.live_status import RESYNC, Subscription
@@ -36,6 +37,8 @@ async def _socket_user(socket: WebSocket[Any, Any, Any]) -> AuthUser | None:
     if header is None and token:
         header = f"Token {token}"
     try:
+        if header is None:  # the web page: its cookie, from its own origin only
+            return await cookie_user(socket.scope, socket.app.state.uws.secret_key)
         return await user_from_header(header, socket.app.state.uws.token_cache)
     except NotAuthenticated:
         return None

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, post
-from litestar.status_codes import HTTP_403_FORBIDDEN, HTTP_409_CONFLICT
 
+from api import schemas
 from api.body import json_body
-from api.errors import ApiError
+from api.openapi import contract
+from api.sign_in import admit
 from api.state import app_state
-from controllers.errors import Forbidden
 from db import accounts
 
 
@@ -18,7 +18,12 @@ class TokenRoutes(Controller):
     path = "/tokens"
     tags = ["tokens"]
 
-    @post("/", status_code=200, operation_id="createUserToken")
+    @post("/", status_code=200, operation_id="createUserToken",
+          **contract("Get a user's API key", schemas.TokenResponse, 400, 401, 403, 409, 413, 503,
+                     body=schemas.TokenRequest, auth=False, examples={"api client": {
+                         "client_token": "<key of an api_clients member>",
+                         "user_info": {"username": "jdoe", "email": "jdoe@example.org",
+                                       "first_name": "Jane", "last_name": "Doe"}}}))
     async def create_token(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         """Authenticate a user through the configured method and return their API key.
 
@@ -28,17 +33,6 @@ class TokenRoutes(Controller):
         body = await json_body(request)
         auth = app_state(request).controllers.api_auth
         info = await auth.identify(body if isinstance(body, dict) else {}, accounts.is_api_client)
-        try:
-            # Before any account exists: a refused identity leaves no OS account behind.
-            info = await accounts.claim_identity(info, auth.name)
-            if auth.serves_one_person:
-                owner = await accounts.claim_personal_owner(info.username)
-                if owner != info.username:
-                    raise Forbidden(f"This server is in personal mode: it serves only {owner}.")
-            account = await auth.ensure_external_account(info)
-            user_id = await accounts.sign_in_user(info, auth.name, account)
-        except accounts.UsernameUnavailable as exc:
-            raise ApiError(exc.message,
-                           HTTP_403_FORBIDDEN if exc.reserved else HTTP_409_CONFLICT) from None
+        user_id = await admit(auth, info)
         key = await accounts.token_for(user_id)
         return {"success": True, "message": "Successful authentication.", "token": key}

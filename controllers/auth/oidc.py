@@ -34,6 +34,7 @@ import asyncio
 import os
 import time
 from typing import Any, Literal
+from urllib.parse import urlencode
 
 import jwt
 from pydantic import Field, field_validator, model_validator
@@ -144,6 +145,13 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
                                                    "<issuer>/.well-known/openid-configuration.")
         discovery_max_age_seconds: float = Field(86400.0, gt=0)
         userinfo_url: str = ""
+        # the web page's sign-in (/ui/): authorization code + PKCE as a public client
+        web_client_id: str = Field("", description="A public client registered for the web "
+                                                   "page; empty: no provider sign-in there.")
+        web_scope: str = "openid profile email"
+        web_resource: str = Field("", description="RFC 8707 resource indicator to ask for.")
+        authorization_url: str = ""
+        token_url: str = ""
         use_userinfo: bool = Field(True, description="Ask userinfo for the claims a token "
                                                      "lacks (username, e-mail, groups).")
         audience: list[str] = Field(min_length=1, description="Accepted aud.")
@@ -211,7 +219,8 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
             discovery_url=(s.discovery_url or discovery_url_for(s.issuer)) if s.discovers
             else None,
             configured={"introspection": s.introspection_url, "jwks": s.jwks_url,
-                        "userinfo": s.userinfo_url},
+                        "userinfo": s.userinfo_url, "authorization": s.authorization_url,
+                        "token": s.token_url},
             max_age=s.discovery_max_age_seconds,
             fetch=lambda url: self._call("GET", url))
 
@@ -219,6 +228,40 @@ class OIDCUserAuthentication(ExternalUserAuthentication):
     def token_source(self) -> str:
         s = self.settings
         return f"an access token for audience {s.audience[0]!r} from {s.issuer or 'your provider'}"
+
+    @property
+    def web_sign_in(self) -> bool:
+        return bool(self.settings.web_client_id)
+
+    async def authorization_request(self, redirect_uri: str, state: str, challenge: str) -> str:
+        s = self.settings
+        url = await self.endpoints.get("authorization")
+        if url is None:
+            raise BackendError(MISCONFIGURED,
+                               log_message="the provider publishes no authorization_endpoint")
+        params = {"response_type": "code", "client_id": s.web_client_id,
+                  "redirect_uri": redirect_uri, "scope": s.web_scope, "state": state,
+                  "code_challenge": challenge, "code_challenge_method": "S256",
+                  **({"resource": s.web_resource} if s.web_resource else {})}
+        return f"{url}{'&' if '?' in url else '?'}{urlencode(params)}"
+
+    async def redeem_code(self, code: str, verifier: str, redirect_uri: str) -> str:
+        s = self.settings
+        url = await self.endpoints.get("token")
+        if url is None:
+            raise BackendError(MISCONFIGURED, log_message="the provider publishes no "
+                                                          "token_endpoint")
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+                "client_id": s.web_client_id, "code_verifier": verifier,
+                **({"resource": s.web_resource} if s.web_resource else {})}
+        response = await self._call("POST", url, data=form)
+        body = self._json(response, "token endpoint") if response.status_code == 200 else None
+        token = body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            # invalid_grant (a replayed or expired code) and the like: sign in again.
+            raise reject(f"token endpoint answered {response.status_code}: "
+                         f"{response.text[:200]}")
+        return token
 
     async def _verify(self, token: str) -> tuple[UserInfo, float | None]:
         if self.settings.mode == "jwt":

@@ -28,6 +28,7 @@ ENDPOINT_KEYS = {
     "jwks": "jwks_uri",
     "userinfo": "userinfo_endpoint",
     "token": "token_endpoint",
+    "authorization": "authorization_endpoint",
 }
 
 Fetch = Callable[[str], Awaitable[httpx.Response]]

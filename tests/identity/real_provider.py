@@ -56,6 +56,7 @@ class RealProvider:
     port: int
     accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
     keys: list[dict[str, Any]] = field(default_factory=lambda: [new_key()])
+    redirect_uris: list[str] = field(default_factory=lambda: [REDIRECT_URI])
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,7 +70,7 @@ class RealProvider:
             "issuer": self.issuer, "port": self.port, "keys": self.keys,
             "accounts_file": str(self.workdir / "accounts.json"),
             "client_secret": CLIENT_SECRET,
-            "redirect_uri": REDIRECT_URI, "resources": RESOURCES}))
+            "redirect_uris": self.redirect_uris, "resources": RESOURCES}))
         config.chmod(0o600)
         assert NODE is not None
         self.process = subprocess.Popen(

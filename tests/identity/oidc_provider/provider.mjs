@@ -5,7 +5,7 @@
 // CONFIG (written by tests/identity/real_provider.py): issuer, port, keys (private JWKs, the
 // first signs), accounts_file (JSON, id -> claims, read at each use so the tests can add
 // people while it runs), client_secret (of the "uws-server" client that
-// introspects), redirect_uri (of the public "portal" client, PKCE), resources (resource
+// introspects), redirect_uris (of the public "portal" client, PKCE), resources (resource
 // indicator -> resource server: audience, accessTokenFormat, accessTokenTTL, and
 // profileInToken: whether its access tokens carry the profile claims).
 // Prints "ready" on stdout once it listens on 127.0.0.1.
@@ -35,7 +35,7 @@ const provider = new Provider(config.issuer, {
     {
       client_id: 'portal',
       token_endpoint_auth_method: 'none',
-      redirect_uris: [config.redirect_uri],
+      redirect_uris: config.redirect_uris,
       grant_types: ['authorization_code'],
       response_types: ['code'],
     },

@@ -1,0 +1,37 @@
+"""``uws login-link``: a one-time link that signs a user in to the web page (``/ui/``).
+
+Like Jupyter's token URL: whoever opens it first within its lifetime gets the user's
+browser session, so it goes to that user alone (a terminal, a message they asked for).
+A user who has never signed in is created first when an e-mail is given, exactly as a
+sign-in through the configured method would create them (OS account included).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from controllers.base import UserInfo
+from controllers.registry import Controllers
+
+
+class UnknownUser(Exception):
+    pass
+
+
+async def login_link(database_url: str, controllers: Controllers, username: str, *,
+                     email: str | None, base_url: str, minutes: float) -> str:
+    from api.sign_in import admit
+    from db import browser_sessions
+    from db.engine import close_engine, open_engine
+
+    engine = await open_engine(database_url, min_size=1, max_size=2)
+    try:
+        user_id = await browser_sessions.user_id_named(username)
+        if user_id is None:
+            if not email:
+                raise UnknownUser(f"no user {username!r}: give --email to create them")
+            user_id = await admit(controllers.api_auth, UserInfo(username=username, email=email))
+        ticket = await browser_sessions.issue_ticket(user_id, timedelta(minutes=minutes))
+    finally:
+        await close_engine(engine)
+    return f"{base_url.rstrip('/')}/ui/login/?ticket={ticket}"

@@ -3,15 +3,16 @@ status changes, stop requests, extensions, retried steps with their errors, and 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from workflows.models import JobStatusUpdate, job_workflow_id
+from workflows.models import FinalizeInput, JobStatusUpdate, job_workflow_id
 
+T = TypeVar("T")
 _MAX_RUNS = 50  # continue-as-new chains longer than this are cut, newest kept
 
 
@@ -24,11 +25,11 @@ class _Reader:
         self._client = client
         self._activity_names: dict[int, str] = {}
 
-    def _decode_status(self, event: HistoryEvent) -> JobStatusUpdate | None:
+    def _decode(self, event: HistoryEvent, kind: type[T]) -> T | None:
         payloads = list(event.activity_task_scheduled_event_attributes.input.payloads)
         try:
             return self._client.data_converter.payload_converter.from_payloads(
-                payloads, [JobStatusUpdate])[0]
+                payloads, [kind])[0]
         except Exception:
             return None
 
@@ -39,10 +40,15 @@ class _Reader:
             name = event.activity_task_scheduled_event_attributes.activity_type.name
             self._activity_names[event.event_id] = name
             if name == "record_job_status":
-                update = self._decode_status(event)
+                update = self._decode(event, JobStatusUpdate)
                 if update is not None:
                     return {"time": at, "type": "status", "status": update.status,
                             "detail": update.event}
+            if name == "finalize_job":  # the end, with why ("Stopped by user.", the exit)
+                end = self._decode(event, FinalizeInput)
+                if end is not None:
+                    return {"time": at, "type": "status", "status": end.status,
+                            "detail": end.detail}
             return None
         if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             attrs = event.activity_task_started_event_attributes

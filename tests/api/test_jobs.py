@@ -130,6 +130,12 @@ async def test_events_timeline_and_extend(client, auth, api_client_key) -> None:
     events = await eventually(workflow_done, timeout=60)
     statuses = [e["status"] for e in events if e["type"] == "status"]
     assert statuses[:2] == ["pending", "running"] and "stopping" in statuses
+    # The end is there too, with why.
+    assert statuses[-1] == "complete"
+    assert [e["detail"] for e in events if e.get("status") == "complete"] == ["Stopped by user."]
+    # The page counts down from the limit, extensions included.
+    r = await client.get(f"/jobs/{job['id']}/", headers=auth)
+    assert r.json()["data"]["jobs"][0]["job_details"]["metrics"]["time_limit_min"] == 15
     kinds = {(e["type"], e.get("name")) for e in events}
     assert ("signal", "request_stop") in kinds and ("update", "extend_time_limit") in kinds
     assert events[-1] == {"time": events[-1]["time"], "type": "workflow",

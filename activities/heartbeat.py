@@ -12,6 +12,12 @@ from temporalio import activity
 
 @contextlib.asynccontextmanager
 async def heartbeating(every: float = 10.0) -> AsyncIterator[None]:
+    if activity.info().is_local:
+        # A local activity lives inside its workflow task, which the worker keeps alive;
+        # Temporal takes no heartbeat from it.
+        yield
+        return
+
     async def beat() -> None:
         while True:
             activity.heartbeat()

@@ -3,6 +3,7 @@ status changes, stop requests, extensions, retried steps with their errors, and 
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypeVar
 
 from temporalio.api.enums.v1 import EventType
@@ -13,6 +14,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from workflows.models import FinalizeInput, JobStatusUpdate, job_workflow_id
 
 T = TypeVar("T")
+# How the SDK records a local activity in the history (its type and result inside).
+LOCAL_ACTIVITY_MARKER = "core_local_activity"
 _MAX_RUNS = 50  # continue-as-new chains longer than this are cut, newest kept
 
 
@@ -33,9 +36,35 @@ class _Reader:
         except Exception:
             return None
 
+    def _local_status(self, event: HistoryEvent, at: str) -> dict[str, Any] | None:
+        """A status a local activity wrote (a status change or the end): its marker names
+        the activity and holds what it returned, the write itself."""
+        details = event.marker_recorded_event_attributes.details
+        if event.marker_recorded_event_attributes.marker_name != LOCAL_ACTIVITY_MARKER \
+                or "data" not in details or "result" not in details:
+            return None
+        try:
+            data = json.loads(details["data"].payloads[0].data)
+        except (ValueError, IndexError):
+            return None
+        kinds: dict[str, type] = {"record_job_status": JobStatusUpdate,
+                                  "finalize_job": FinalizeInput}
+        kind = kinds.get(data.get("activity_type", "")) if isinstance(data, dict) else None
+        if kind is None:
+            return None
+        try:
+            written = self._client.data_converter.payload_converter.from_payloads(
+                list(details["result"].payloads), [kind])[0]
+        except Exception:
+            return None
+        detail = written.event if isinstance(written, JobStatusUpdate) else written.detail
+        return {"time": at, "type": "status", "status": written.status, "detail": detail}
+
     def entry(self, event: HistoryEvent) -> dict[str, Any] | None:
         kind = event.event_type
         at = _time(event)
+        if kind == EventType.EVENT_TYPE_MARKER_RECORDED:
+            return self._local_status(event, at)
         if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             name = event.activity_task_scheduled_event_attributes.activity_type.name
             self._activity_names[event.event_id] = name

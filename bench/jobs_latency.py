@@ -86,8 +86,9 @@ TERMINAL = ("complete", "failed")
 SOCKET_SETTLE_S = 1.0  # a socket subscribes only after its token lookup, after accept
 IDLE_WINDOW_S = 5.0
 
-TARGET_START_RUNNING_P50 = 0.5
-TARGET_EXIT_COMPLETE_P50 = 0.3
+# The targets of the start-latency work (0.5 s and 0.3 s were the reference's).
+TARGET_START_RUNNING_P50 = 0.1
+TARGET_EXIT_COMPLETE_P50 = 0.1
 TARGET_CORES = 0.5
 
 

@@ -38,6 +38,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "load": (["--duration", "60"], ["--users", "10", "--duration", "20"]),
     "slurm_latency": ([], ["--jobs", "3"]),
     "slurm_session": ([], ["--sessions", "1"]),
+    "start_rate": ([], ["--clients", "10", "--duration", "10"]),
     "launch_failure": ([], ["--jobs", "3"]),
 }
 

@@ -65,13 +65,22 @@ _PATCH_LAUNCH_RACES = "launch-races-stop-and-deadline"
 # A job queued on the resource shows why (Slurm's Resources, Priority...) in its details
 # and events, each time the reason changes.
 _PATCH_PENDING_REASON = "pending-reason-shown"
+# Prepare, launch and a first look at the launched job run as local activities, in the
+# workflow task's own worker, and the first status (usually "running") is written once:
+# one server round trip to running instead of five (bench/jobs_latency.py).
+_PATCH_LOCAL_START = "local-start-steps"
+_LOCAL_STEP = timedelta(minutes=5)
+# Status writes and the final write as local activities too (the timeline reads them
+# from their markers).
+_PATCH_LOCAL_RECORDS = "local-status-records"
 
 
-def _permanent_reason(err: ActivityError) -> str | None:
-    """The user's message of a failure the activity marked as never curable."""
-    cause = err.cause
-    if isinstance(cause, ApplicationError) and cause.non_retryable:
-        return cause.message
+def _permanent_reason(err: ActivityError | ApplicationError) -> str | None:
+    """The user's message of a failure the activity marked as never curable (a local
+    activity's failure arrives as that ApplicationError itself, not wrapped)."""
+    for failure in (err, err.cause):
+        if isinstance(failure, ApplicationError) and failure.non_retryable:
+            return failure.message
     return None
 
 
@@ -183,26 +192,37 @@ class JobWorkflow:
         inp, st = self._inp, self.state
         if st.stop_requested:
             return
-        prep, interrupted = await self._unless_interrupted(workflow.start_activity(
-            "prepare_job", inp, result_type=PrepareResult,
-            start_to_close_timeout=timedelta(minutes=5), retry_policy=_RETRY_FOREVER,
-            heartbeat_timeout=_WATCH_HEARTBEAT,
-        ))
+        local = workflow.patched(_PATCH_LOCAL_START)
+        prep, interrupted = await self._unless_interrupted(
+            workflow.start_local_activity(
+                "prepare_job", inp, result_type=PrepareResult,
+                start_to_close_timeout=_LOCAL_STEP, retry_policy=_RETRY_FOREVER,
+            ) if local else workflow.start_activity(
+                "prepare_job", inp, result_type=PrepareResult,
+                start_to_close_timeout=timedelta(minutes=5), retry_policy=_RETRY_FOREVER,
+                heartbeat_timeout=_WATCH_HEARTBEAT,
+            ))
         if prep is None or interrupted:
             return
-        handle, interrupted = await self._unless_interrupted(workflow.start_activity(
-            "launch_job",
-            LaunchInput(
-                job_id=inp.job_id, resource_name=inp.resource_name, workdir=prep.workdir,
-                script=prep.script, resource_options=inp.resource_options, env=prep.env,
-                time_limit_min=inp.time_limit_min, user_id=inp.user_id,
-            ),
-            result_type=dict,
-            start_to_close_timeout=timedelta(minutes=5), retry_policy=_RETRY_FOREVER,
-            heartbeat_timeout=_WATCH_HEARTBEAT,
-            # A cancelled launch is abandoned only once its attempt has really ended.
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-        ))
+        launch = LaunchInput(
+            job_id=inp.job_id, resource_name=inp.resource_name, workdir=prep.workdir,
+            script=prep.script, resource_options=inp.resource_options, env=prep.env,
+            time_limit_min=inp.time_limit_min, user_id=inp.user_id,
+        )
+        # A cancelled launch is abandoned only once its attempt has really ended. Run
+        # locally, a launch is still idempotent: a worker that dies mid-launch leaves the
+        # workflow task to another, whose retry finds the job the first one started.
+        handle, interrupted = await self._unless_interrupted(
+            workflow.start_local_activity(
+                "launch_job", launch, result_type=dict,
+                start_to_close_timeout=_LOCAL_STEP, retry_policy=_RETRY_FOREVER,
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            ) if local else workflow.start_activity(
+                "launch_job", launch, result_type=dict,
+                start_to_close_timeout=timedelta(minutes=5), retry_policy=_RETRY_FOREVER,
+                heartbeat_timeout=_WATCH_HEARTBEAT,
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            ))
         if handle is None:
             await workflow.execute_activity(
                 "abandon_launch",
@@ -213,7 +233,7 @@ class JobWorkflow:
             )
             return
         # Launched, even if a stop or a limit came meanwhile: the watch ends it properly.
-        await self._launched(handle, prep)
+        await self._launched(handle, prep, look_first=local)
 
     async def _unless_interrupted(self, handle: ActivityHandle) -> tuple[Any, bool]:
         """(the activity's result or None, whether a stop or a limit came first). A failure
@@ -239,7 +259,7 @@ class JobWorkflow:
             handle.cancel()
         try:
             return await handle, interrupted
-        except ActivityError as err:
+        except (ActivityError, ApplicationError) as err:  # a local activity: the latter
             reason = _permanent_reason(err)
             if reason is not None and not st.fail_reason:
                 st.fail_reason = reason
@@ -247,15 +267,38 @@ class JobWorkflow:
         except asyncio.CancelledError:
             return None, interrupted
 
-    async def _launched(self, handle: dict, prep: PrepareResult) -> None:
+    async def _launched(self, handle: dict, prep: PrepareResult,
+                        look_first: bool = False) -> None:
         inp, st = self._inp, self.state
         st.handle = handle
         st.phase = "launched"
         st.hostname = ""
         inp.job_details = {**inp.job_details, "workdir": prep.workdir,
                            "interactive": prep.interactive}
+        resource_job_id = int(handle.get("id", -1))
+        if look_first:
+            # A local job is up by the time its launch returns: say "running" at once,
+            # in the one write that also records the resource's job id.
+            try:
+                now: WatchResult | None = await workflow.execute_local_activity(
+                    "watch_job",
+                    WatchInput(resource_name=inp.resource_name, handle=handle,
+                               timeout_seconds=0.0, known_status="pending",
+                               deadline_epoch=st.deadline_epoch),
+                    result_type=WatchResult, start_to_close_timeout=_QUICK,
+                    retry_policy=_RETRY_FOREVER,
+                )
+            except (ActivityError, ApplicationError):
+                now = None  # the watch that follows meets (and handles) the same failure
+            if now is not None and now.status == "running":
+                st.hostname = now.hostname or "127.0.0.1"
+                await self._record(JobStatusUpdate(
+                    job_id=inp.job_id, status="running", resource_job_id=resource_job_id,
+                    set_start=True, event="running",
+                ))
+                return
         await self._record(JobStatusUpdate(
-            job_id=inp.job_id, status="pending", resource_job_id=int(handle.get("id", -1)),
+            job_id=inp.job_id, status="pending", resource_job_id=resource_job_id,
             event="launched",
         ))
 
@@ -433,13 +476,17 @@ class JobWorkflow:
     async def _finalize(self, status: str, core_hours: float, detail: str) -> None:
         inp = self._inp
         self.state.phase = "ended"
-        await workflow.execute_activity(
-            "finalize_job",
-            FinalizeInput(job_id=inp.job_id, workspace_id=inp.workspace_id,
-                          user_id=inp.user_id, status=status, core_hours=core_hours,
-                          detail=detail),
-            start_to_close_timeout=_QUICK, retry_policy=_RETRY_FOREVER,
-        )
+        end = FinalizeInput(job_id=inp.job_id, workspace_id=inp.workspace_id,
+                            user_id=inp.user_id, status=status, core_hours=core_hours,
+                            detail=detail)
+        if workflow.patched(_PATCH_LOCAL_RECORDS):
+            await workflow.execute_local_activity(
+                "finalize_job", end, result_type=FinalizeInput,
+                start_to_close_timeout=_QUICK, retry_policy=_RETRY_FOREVER)
+        else:
+            await workflow.execute_activity(
+                "finalize_job", end, start_to_close_timeout=_QUICK,
+                retry_policy=_RETRY_FOREVER)
         self._set_status(status)
         # Work after the job's end never changes its outcome: a rescan that fails is left
         # to the usage upkeep schedule (its failure stays in this history).
@@ -487,6 +534,13 @@ class JobWorkflow:
 
     async def _record(self, update: JobStatusUpdate) -> None:
         self._set_status(update.status)
+        if workflow.patched(_PATCH_LOCAL_RECORDS):
+            # One statement and a NOTIFY: no reason for a server round trip each time.
+            await workflow.execute_local_activity(
+                "record_job_status", update, result_type=JobStatusUpdate,
+                start_to_close_timeout=_QUICK, retry_policy=_RETRY_FOREVER,
+            )
+            return
         await workflow.execute_activity(
             "record_job_status", update, start_to_close_timeout=_QUICK,
             retry_policy=_RETRY_FOREVER,

@@ -162,8 +162,10 @@ async def test_continue_as_new_keeps_a_stop_and_an_extension(temporal_env, contr
                                                              engine) -> None:
     queue = f"durable-{uuid.uuid4()}"
     async with _worker(temporal_env.client, controllers, queue):
+        # One watch chunk per run: the job is running from its first status write on,
+        # and the extension cuts that chunk short, so the run continues as new.
         handle, job_id, _ = await _start(temporal_env.client, controllers, queue,
-                                         loops_before_continue=2,
+                                         loops_before_continue=1,
                                          job_details={"duration_seconds": 600})
         first_run = handle.result_run_id
 

@@ -110,11 +110,16 @@ def _api_error(_: Request, exc: ApiError) -> Response:
     return envelope(exc.status_code, exc.message)
 
 
-def _controller_error(request: Request, exc: cerr.ControllerError) -> Response:
-    status = next(
+def controller_status(exc: cerr.ControllerError) -> int:
+    """The HTTP status of a controller's failure (also what the web page answers)."""
+    return next(
         (code for kind, code in _CONTROLLER_STATUS.items() if isinstance(exc, kind)),
         HTTP_500_INTERNAL_SERVER_ERROR,
     )
+
+
+def _controller_error(request: Request, exc: cerr.ControllerError) -> Response:
+    status = controller_status(exc)
     if exc.log_message != exc.user_message or status >= 500:
         log.warning("%s %s: %s", request.method, request.url.path, exc.log_message,
                     extra=_log_ids(request))

@@ -146,6 +146,21 @@ def job_accounts() -> Iterator[None]:
         os.close(lock)
 
 
+@pytest.fixture
+async def browser() -> AsyncIterator[object]:
+    """Headless Chromium (Debian's, driven by Playwright) for the browser tests; they skip
+    where it is missing (``tests.e2e.test_browser.CHROMIUM``)."""
+    from playwright.async_api import async_playwright
+
+    from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS
+
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                            args=CHROMIUM_ARGS)
+        yield chromium
+        await chromium.close()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Iterator[Path]:
     path = traversable_dir("uws-data-")

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from datetime import timedelta
@@ -27,13 +28,14 @@ from litestar.static_files import create_static_files_router
 
 from api.auth import current_user
 from api.browser_auth import COOKIE, cookie_value, csrf_token
-from api.errors import ApiError
+from api.errors import ApiError, controller_status
 from api.serializers import origin_of
 from api.sign_in import admit
 from api.state import app_state
 from controllers.errors import ControllerError
 from db import accounts, browser_sessions
 
+log = logging.getLogger("uws.api")
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
 FLOW_COOKIE = "uws_signin_flow"
@@ -175,8 +177,10 @@ class UiRoutes(Controller):
             token = await auth.redeem_code(code, str(flow["verifier"]), _callback_url(request))
             info = await auth.identify({"auth_token": token}, accounts.is_api_client)
             user_id = await admit(auth, info)
-        except ControllerError as exc:
-            return _page(request, "signin.html", status_code=401, error=exc.user_message)
+        except ControllerError as exc:  # refused (401), not admitted (403), provider down
+            log.warning("web sign-in refused: %s", exc.log_message)
+            return _page(request, "signin.html", status_code=controller_status(exc),
+                         error=exc.user_message)
         except ApiError as exc:  # a taken or reserved username
             return _page(request, "signin.html", status_code=exc.status_code,
                          error=exc.message)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlencode
 
 from pydantic import Field, field_validator
 
@@ -51,6 +52,12 @@ class GlobusUserAuthentication(ExternalUserAuthentication):
         allowed_globus_groups: list[str] = Field(
             default_factory=list, description="Group ids; empty: no group is required."
         )
+        web_sign_in: bool = Field(
+            False, description="The web page's \"Sign in with Globus\": the authorization "
+                               "code flow with this client (redirect URI "
+                               "<server>/ui/login/callback/ registered at Globus).")
+        web_scope: str = ("openid profile email "
+                          "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships")
 
         @field_validator("client_secret_env")
         @classmethod
@@ -62,6 +69,40 @@ class GlobusUserAuthentication(ExternalUserAuthentication):
     @property
     def token_source(self) -> str:
         return f"a Globus Auth access token issued to client {self.settings.client_id}"
+
+    @property
+    def web_sign_in(self) -> bool:
+        return self.settings.web_sign_in
+
+    async def authorization_request(self, redirect_uri: str, state: str, challenge: str) -> str:
+        s = self.settings
+        params = {"response_type": "code", "client_id": s.client_id,
+                  "redirect_uri": redirect_uri, "scope": s.web_scope, "state": state,
+                  "code_challenge": challenge, "code_challenge_method": "S256"}
+        return f"{s.auth_base_url.rstrip('/')}/v2/oauth2/authorize?{urlencode(params)}"
+
+    async def redeem_code(self, code: str, verifier: str, redirect_uri: str) -> str:
+        """The token sign-in checks, from Globus's answer for the code: with groups to
+        check, the Groups API's token (the reference's "Globus Groups token"), else the
+        first one."""
+        s = self.settings
+        response = await self._call(
+            "POST", f"{s.auth_base_url.rstrip('/')}/v2/oauth2/token",
+            data={"grant_type": "authorization_code", "code": code,
+                  "redirect_uri": redirect_uri, "code_verifier": verifier},
+            auth=(s.client_id, os.environ.get(s.client_secret_env, "")))
+        body = self._json(response, "Globus token endpoint") \
+            if response.status_code == 200 else None
+        if not isinstance(body, dict):
+            raise reject(f"Globus token endpoint answered {response.status_code}: "
+                         f"{response.text[:200]}")
+        tokens = [body, *[t for t in body.get("other_tokens") or [] if isinstance(t, dict)]]
+        wanted = GROUPS_RESOURCE_SERVER if s.allowed_globus_groups else None
+        chosen = next((t for t in tokens if t.get("resource_server") == wanted), tokens[0])
+        token = chosen.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise reject("Globus token endpoint answered no access token")
+        return token
 
     def _introspect_url(self) -> str:
         return f"{self.settings.auth_base_url.rstrip('/')}/v2/oauth2/token/introspect"
@@ -122,6 +163,7 @@ class GlobusUserAuthentication(ExternalUserAuthentication):
                 f"{username!r} is in none of the allowed Globus groups"))
 
 
+GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 NOT_IN_GROUPS = ("User is not a member of any allowed Globus groups. "
                  "Please contact your administrator for access.")
 

@@ -6,7 +6,6 @@ user opening the same link is refused, and so is the owner once the job has stop
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
 
 import pytest
 from playwright.async_api import TimeoutError as PlaywrightTimeout
@@ -25,17 +24,6 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: "
                        "`apt-get install chromium` (as .ci/run does) to run the browser test"),
 ]
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[object]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                            args=CHROMIUM_ARGS)
-        yield chromium
-        await chromium.close()
 
 
 async def print_6_times_7(page, link: str) -> str:

@@ -12,6 +12,10 @@
   ``include=identity_set``), answering Globus's fields.
 - ``GET /v2/groups/my_groups``: the Globus Groups API, the caller's groups with
   ``my_memberships``, authorised by the user's bearer token.
+- ``GET /v2/oauth2/authorize`` and ``POST /v2/oauth2/token``: Globus Auth's authorization
+  code flow with PKCE (S256): the identity in ``signs_in`` "logs in" at once and is sent
+  back with a code; the code (once, with its verifier, redirect URI and our client's basic
+  credentials) is worth an auth.globus.org token and, in ``other_tokens``, a Groups token.
 
 Tokens are opaque (introspection) or JWTs signed with the provider's keys (PyJWT), access
 tokens typed ``at+jwt`` (RFC 9068) unless the headers say otherwise (an ID token: ``JWT``).
@@ -23,12 +27,13 @@ status and body (some providers' ``400 invalid_token``) rather than ``{"active":
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -76,6 +81,9 @@ class FakeProvider:
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     discovery: dict[str, Any] = field(default_factory=dict)
     userinfo_sub: str | None = None
+    # The claims of whoever signs in at the authorize endpoint next; code -> its grant
+    signs_in: dict[str, Any] | None = None
+    codes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.published = self.published or [self.rsa, self.ec]
@@ -132,6 +140,11 @@ class FakeProvider:
             status, answer = self._globus_introspect(headers, _form(body))
         elif route == ("GET", "/v2/groups/my_groups"):
             status, answer = self._my_groups(headers)
+        elif route == ("GET", "/v2/oauth2/authorize"):
+            await self._authorize(_form(scope.get("query_string", b"")), send)
+            return
+        elif route == ("POST", "/v2/oauth2/token"):
+            status, answer = self._redeem(headers, _form(body))
         else:
             status, answer = 404, {"error": "not_found"}
         extra = [(b"www-authenticate", b'Basic realm="idp"')] if status == 401 else []
@@ -206,6 +219,43 @@ class FakeProvider:
         if "identity_set" in form.get("include", "").split(","):
             answer["identity_set"] = claims.get("identity_set", [claims["sub"]])
         return 200, answer
+
+    async def _authorize(self, query: dict[str, str], send: Send) -> None:
+        redirect = query.get("redirect_uri", "")
+        if (query.get("client_id") not in self.clients or query.get("response_type") != "code"
+                or query.get("code_challenge_method") != "S256" or self.signs_in is None
+                or not redirect):
+            await send({"type": "http.response.start", "status": 400, "headers": []})
+            await send({"type": "http.response.body", "body": b"bad authorization request"})
+            return
+        code = secrets.token_urlsafe(16)
+        self.codes[code] = {"claims": self.signs_in, "redirect_uri": redirect,
+                            "challenge": query.get("code_challenge", ""),
+                            "client_id": query["client_id"]}
+        location = f"{redirect}?{urlencode({'code': code, 'state': query.get('state', '')})}"
+        await send({"type": "http.response.start", "status": 302,
+                    "headers": [(b"location", location.encode())]})
+        await send({"type": "http.response.body", "body": b""})
+
+    def _redeem(self, headers: dict[str, str], form: dict[str, str]) -> tuple[int, Any]:
+        if not self._client_ok(headers, form, allow_post=False):
+            return 401, {"error": "invalid_client"}
+        grant = self.codes.pop(form.get("code", ""), None)
+        verifier = form.get("code_verifier", "")
+        digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+        if (grant is None or form.get("grant_type") != "authorization_code"
+                or grant["redirect_uri"] != form.get("redirect_uri")
+                or digest.rstrip(b"=").decode() != grant["challenge"]):
+            return 400, {"error": "invalid_grant"}
+        claims = grant["claims"]
+        auth_token = self.issue({**claims, "aud": ["auth.globus.org"]})
+        groups_token = self.issue({**claims, "aud": ["groups.api.globus.org",
+                                                     grant["client_id"]]})
+        return 200, {"access_token": auth_token, "resource_server": "auth.globus.org",
+                     "token_type": "Bearer", "expires_in": 3600,
+                     "other_tokens": [{"access_token": groups_token, "token_type": "Bearer",
+                                       "resource_server": "groups.api.globus.org",
+                                       "expires_in": 3600}]}
 
     def _my_groups(self, headers: dict[str, str]) -> tuple[int, Any]:
         auth = headers.get("authorization", "")

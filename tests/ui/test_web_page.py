@@ -16,14 +16,13 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import TEST_CONFIG, TESTS
-from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, print_6_times_7
+from tests.e2e.test_browser import CHROMIUM, print_6_times_7
 
 pytestmark = [
     pytest.mark.slow,
@@ -45,17 +44,6 @@ def login_link(settings, server_url: str, username: str) -> str:
     link = done.stdout.strip().splitlines()[-1]
     assert re.fullmatch(re.escape(server_url) + r"/ui/login/\?ticket=[\w-]+", link), link
     return link
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[object]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                            args=CHROMIUM_ARGS)
-        yield chromium
-        await chromium.close()
 
 
 async def signed_in_page(browser, settings, server_url: str, username: str):

@@ -25,7 +25,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -46,13 +45,13 @@ from controllers.base import (
 )
 from controllers.errors import BackendError, InvalidRequest
 from controllers.resources.local.procfs import is_alive, kill_group_if_ours, kill_if_ours
+from controllers.resources.session_dir import SESSION_SOCKET, SESSION_TOKEN, make_session_dir
 
 log = logging.getLogger(__name__)
 
 SUPERVISOR = str(Path(__file__).with_name("supervisor.py"))
 SPEC, STARTED, ENDED = "spec.json", "started.json", "ended.json"
 LAUNCH_LOCK, SUPERVISOR_LOCK, SUPERVISOR_LOG = "launch.lock", "supervisor.lock", "supervisor.log"
-SESSION_SOCKET, SESSION_TOKEN = "session.sock", "token"
 # A Unix socket's path must fit sockaddr_un (108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
 
@@ -168,25 +167,9 @@ class LocalResource(ComputeResource):
         return endpoint
 
     def _make_session_dir(self, job_id: int, account: ExternalAccount) -> None:
-        """A fresh 0700 directory owned by the job's account, holding the session's token.
-        Everything is written while the directory is still the service's, then handed over."""
         uid, gid, _ = self._run_as(account)
         self._ensure_roots()
-        directory = self._sessions_root / str(job_id)
-        shutil.rmtree(directory, ignore_errors=True)  # a retried prepare: start clean
-        os.mkdir(directory, 0o700)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            fd = os.open(SESSION_TOKEN, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(24))
-                if uid != os.geteuid():
-                    os.fchown(f.fileno(), uid, gid)
-            if uid != os.geteuid():
-                os.fchown(dir_fd, uid, gid)
-        finally:
-            os.close(dir_fd)
+        make_session_dir(self._sessions_root / str(job_id), uid, gid)
 
     def _remove_session_dir(self, job_id: int) -> None:
         shutil.rmtree(self._sessions_root / str(job_id), ignore_errors=True)

@@ -15,17 +15,17 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import secrets
 import shutil
 from pathlib import Path
 
 from controllers.base import ExternalAccount, SessionEndpoint
 from controllers.errors import BackendError
+from controllers.resources.session_dir import SESSION_SOCKET, SESSION_TOKEN, make_session_dir
 
-SESSION_SOCKET, SESSION_TOKEN = "session.sock", "token"
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
 # A Unix socket's path must fit sockaddr_un (108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def owner_uid_gid(account: ExternalAccount) -> tuple[int, int]:
@@ -62,25 +62,9 @@ class SessionDirs:
                                owner_uid=owner_uid_gid(account)[0], hostname=self.hostname)
 
     def make(self, job_id: int, account: ExternalAccount) -> None:
-        """A fresh 0700 directory holding the token, handed to the owner only once
-        everything in it is written (so a retried prepare starts clean)."""
         uid, gid = owner_uid_gid(account)
         self._ensure_root()
-        directory = self.root / str(job_id)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.mkdir(directory, 0o700)
-        dir_fd = os.open(directory, _DIR)
-        try:
-            fd = os.open(SESSION_TOKEN, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(24))
-                if uid != os.geteuid():
-                    os.fchown(f.fileno(), uid, gid)
-            if uid != os.geteuid():
-                os.fchown(dir_fd, uid, gid)
-        finally:
-            os.close(dir_fd)
+        make_session_dir(self.root / str(job_id), uid, gid)
 
     def remove(self, job_id: int) -> None:
         shutil.rmtree(self.root / str(job_id), ignore_errors=True)

@@ -52,7 +52,9 @@ async def test_identity_is_cached_briefly_by_token(introspection_client, provide
 
 
 async def test_cache_never_outlives_the_token(introspection_client, provider) -> None:
-    token = opaque(provider, lifetime=1.5)
+    # 3 s: exp is whole seconds (the fake truncates), so at least 2 s remain for the first
+    # sign-in, which creates the OS account; 1.5 s left as little as 0.5 s on a busy machine.
+    token = opaque(provider, lifetime=3)
     await assert_works(introspection_client, token)
 
     async def refused() -> bool:

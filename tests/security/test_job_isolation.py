@@ -150,6 +150,10 @@ probe() {
   printf '%s\t%s\t%s\n' "$name" "$status" "$(printf '%s' "$out" | tr '\n\t' '  ' | head -c 400)"
 }
 tcp() { timeout 5 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2"; }
+unix() {
+  timeout 5 python3 -I -c \
+    'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$1"
+}
 """
 
 
@@ -328,7 +332,11 @@ async def targets(client, settings, data_dir: Path, temporal_env, victim, lab
         socket.create_connection((host, port), timeout=5).close()
     own_spec = data_dir / "local-jobs" / str(lab.job_id) / "spec.json"
     assert own_spec.is_file()
+    # The worker's launcher, which forks a root supervisor for any job named to it.
+    launchers = sorted((data_dir / "local-jobs").glob("launcher-*.sock"))
+    assert launchers, "no launcher socket: the lab's job was not started by one"
     return {
+        "launcher_socket": str(launchers[0]),
         "files": {"other_user_file": str(victim["file"]), "shadow": "/etc/shadow",
                   "secret_key": str(secret_key), "other_job_spec": str(victim["spec"]),
                   "own_job_spec": str(own_spec)},
@@ -347,9 +355,11 @@ class Batch:
     results: dict[str, tuple[str, str]]  # probe name -> (ok|fail, its output)
 
 
-def _batch_script(targets: dict[str, Any]) -> str:
+def _batch_script(targets: dict[str, Any], own_launcher: Path) -> str:
     q = shlex.quote
     lines = [BATCH_PRELUDE, "probe uid id -u", "probe real_uid id -ru",
+             f"probe launcher:own unix {q(str(own_launcher))}",
+             f"probe launcher:server unix {q(targets['launcher_socket'])}",
              "probe net awk -F: 'NR > 2 { gsub(/ /, \"\", $1); print $1 }' /proc/self/net/dev",
              "probe netns readlink /proc/self/ns/net"]
     lines += [f"probe read:{name} cat {q(path)}" for name, path in targets["files"].items()]
@@ -388,8 +398,11 @@ async def batch(targets: dict[str, Any]) -> AsyncIterator[Batch]:
         os.chown(workdir, entry.pw_uid, entry.pw_gid)
         account = ExternalAccount(username=name, uid=entry.pw_uid, gid=entry.pw_gid,
                                   home=entry.pw_dir)
+        own_launcher = root / "local-jobs" / f"launcher-{os.getpid()}.sock"
         handle = await resource.launch(LaunchRequest(
-            job_id=1, script=_batch_script(targets), workdir=str(workdir), account=account))
+            job_id=1, script=_batch_script(targets, own_launcher), workdir=str(workdir),
+            account=account))
+        assert own_launcher.exists()  # the one that forked the job's supervisor
         state = await resource.wait(handle, 120)
         assert (state.status, state.exit_code) == ("complete", 0), state
         results = {}
@@ -632,6 +645,20 @@ async def test_job_cannot_reach_another_users_session(
         assert r.json() == {"success": False, "message": NOT_ANSWERING}
     finally:
         await stop_job(client, auth, mine.job_id)
+
+
+@pytest.mark.slow
+async def test_job_cannot_ask_the_launcher_for_a_supervisor(
+    lab: Lab, batch: Batch, targets: dict[str, Any]
+) -> None:
+    """Attack 4c: the worker's launcher forks a root supervisor for a job named on its
+    Unix socket. The job connects to it (the server's, and the very one that started it),
+    to name a job of its choosing."""
+    launcher = targets["launcher_socket"]
+    assert await lab.probe(f"connect_unix({launcher!r})") == "EACCES"
+    for name in ("launcher:own", "launcher:server"):
+        status, out = batch.results[name]
+        assert status == "fail" and "Permission denied" in out, (name, out)
 
 
 # --- 5. passthrough paths -----------------------------------------------------------------

@@ -34,6 +34,7 @@ from controllers.base import ExternalAccount, JobContext, LaunchRequest
 from controllers.errors import BackendError, InvalidRequest
 from controllers.job_types.local_test import LocalTestJob
 from controllers.resources.local import LocalResource
+from controllers.resources.local.launcher import launcher_for
 from tests.conftest import (
     stop_leftover_jobs,
     throwaway_account,
@@ -393,6 +394,7 @@ from controllers.auth.accounts import AccountSettings
 from controllers.auth.local import LocalUserAuthentication
 from controllers.base import LaunchRequest
 from controllers.resources.local import LocalResource
+from controllers.resources.local.launcher import launcher_for
 
 settings, request, mode = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 resource = LocalResource(
@@ -524,6 +526,98 @@ async def test_files_the_job_forges_in_its_workdir_change_nothing(env: Env):
     finally:
         victim.kill()
         victim.wait()
+
+
+# --- the launcher -------------------------------------------------------------------------
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+
+
+def ask_launcher(env: Env, request: bytes) -> str:
+    """Send ``request`` to this process's launcher for ``env`` and return its answer."""
+    launcher = launcher_for(env.root / "local-jobs")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(str(launcher.socket_path))
+        conn.sendall(request)
+        return conn.recv(256).decode()
+
+
+async def test_one_launcher_forks_every_supervisor(env: Env):
+    handles = [await env.launch(env.request("sleep 1000\n", n)) for n in (20, 21, 22)]
+    launchers = {parent_pid(h["supervisor_pid"]) for h in handles}
+    assert len(launchers) == 1  # forked by one process, not a new interpreter each
+    launcher = launchers.pop()
+    assert "--serve" in cmdline(launcher)
+    assert parent_pid(launcher) == os.getpid()  # this process's own, ending with it
+    socket_path = env.root / "local-jobs" / f"launcher-{os.getpid()}.sock"
+    mode = socket_path.stat()
+    assert stat.S_ISSOCK(mode.st_mode) and stat.S_IMODE(mode.st_mode) == 0o600
+    assert stat.S_IMODE((env.root / "local-jobs").stat().st_mode) == 0o700
+    for handle in handles:  # each supervisor leads a session of its own
+        assert os.getsid(handle["supervisor_pid"]) == handle["supervisor_pid"]
+        assert (await env.resource.poll(handle)).status == "running"
+
+
+async def test_a_killed_launcher_is_replaced_and_its_jobs_go_on(env: Env):
+    first = await env.launch(env.request("sleep 1000\n", 23))
+    launcher = parent_pid(first["supervisor_pid"])
+    os.kill(launcher, signal.SIGKILL)
+    assert await eventually(lambda: not is_running(launcher))
+
+    second = await env.launch(env.request(COUNTING_SCRIPT, 24))
+    assert parent_pid(second["supervisor_pid"]) not in (launcher, os.getpid())
+    assert (await env.resource.wait(second, WAIT_LIMIT_S)).status == "complete"
+    assert (await env.resource.poll(first)).status == "running"  # untouched
+    assert is_running(first["id"])
+
+
+async def test_the_launcher_starts_only_new_jobs_of_its_directory(env: Env):
+    handle = await env.launch(env.request("sleep 1000\n", 25))
+    (env.root / "local-jobs" / "26").mkdir(mode=0o700)
+    (env.root / "outside").mkdir(mode=0o700)
+    for request, why in [(b"25\n", "that job was started already"),
+                         (b"99\n", "no such job"), (b"../outside\n", "no such job"),
+                         (b"/etc\n", "no such job"), (b"\n", "no such job"),
+                         (b"x" * 500, "no such job")]:
+        assert ask_launcher(env, request) == f"refused: {why}\n", request
+    assert (await env.resource.poll(handle)).status == "running"
+    assert not (env.root / "local-jobs" / "26" / "started.json").exists()
+
+
+async def test_the_launcher_answers_only_the_service(env: Env):
+    # Its directory keeps every other account out; were it opened, the launcher itself
+    # still answers nobody but the service's own uid.
+    await env.launch(env.request("sleep 1000\n", 27))
+    state_root = env.root / "local-jobs"
+    state_root.chmod(0o755)
+    try:
+        socket_path = state_root / f"launcher-{os.getpid()}.sock"
+        socket_path.chmod(0o666)
+        probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.settimeout(10); "
+                 f"s.connect({str(socket_path)!r}); s.sendall(b'28\\n'); "
+                 "sys.stdout.write(s.recv(256).decode())")
+        (state_root / "28").mkdir(mode=0o700)
+        done = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30,
+            user=env.account.uid, group=env.account.gid, extra_groups=[])
+        assert done.stdout == "refused: not the service's account\n", done
+        assert not (state_root / "28" / "started.json").exists()
+    finally:
+        state_root.chmod(0o700)
+
+
+async def test_the_launcher_ends_with_its_worker(env: Env):
+    launcher = await run_launcher(env, env.request("sleep 1000\n", 29), "exit")
+    out, _ = await launcher.communicate()
+    handle = json.loads(out)
+    env.handles.append(handle)
+    socket_path = env.root / "local-jobs" / f"launcher-{launcher.pid}.sock"
+    assert await eventually(lambda: not socket_path.exists(), 15)  # gone, and said so
+    assert (await env.resource.poll(handle)).status == "running"  # its job lives on
+    assert parent_pid(handle["supervisor_pid"]) != launcher.pid
 
 
 # --- stopping and dying -------------------------------------------------------------------

@@ -44,12 +44,17 @@ from controllers.base import (
     SessionEndpoint,
 )
 from controllers.errors import BackendError, InvalidRequest
+from controllers.resources.local.launcher import (
+    DEFAULT_PATH,
+    SUPERVISOR,
+    LauncherError,
+    launcher_for,
+)
 from controllers.resources.local.procfs import is_alive, kill_group_if_ours, kill_if_ours
 from controllers.resources.session_dir import SESSION_SOCKET, SESSION_TOKEN, make_session_dir
 
 log = logging.getLogger(__name__)
 
-SUPERVISOR = str(Path(__file__).with_name("supervisor.py"))
 SPEC, STARTED, ENDED = "spec.json", "started.json", "ended.json"
 LAUNCH_LOCK, SUPERVISOR_LOCK, SUPERVISOR_LOG = "launch.lock", "supervisor.lock", "supervisor.log"
 # A Unix socket's path must fit sockaddr_un (108 bytes with its NUL).
@@ -62,8 +67,6 @@ FALLBACK_POLL_S = 0.5
 # A stop waits this long past the grace period for the supervisor to finish.
 STOP_SLACK_S = 5.0
 
-# A PATH for jobs: the worker's own environment is not passed on, it may hold credentials.
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NO_NETNS = ("multi-user local jobs run in network namespaces of their own, and this host "
              "cannot make one ({reason}); run the worker as root on a Linux kernel with "
              "network namespaces, or use personal mode. Jobs are never run unisolated.")
@@ -256,22 +259,17 @@ class LocalResource(ComputeResource):
         return env
 
     def _start_supervisor(self, job_id: int, state: Path) -> None:
-        """Start the supervisor in a session of its own; its first process forks and exits
-        at once, so the supervisor itself is never our child (nor a zombie of ours)."""
-        argv = [sys.executable, "-I", "-S", SUPERVISOR, str(state)]
-        out = os.open(state / SUPERVISOR_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND
-                      | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        """Have this worker's launcher fork the job's supervisor (in a session of its own,
+        never our child), and wait until it has recorded the start."""
         try:
-            proc = subprocess.Popen(argv, cwd=state, env={"PATH": DEFAULT_PATH},
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    start_new_session=True)
-        finally:
-            os.close(out)
-        code = proc.wait(timeout=START_TIMEOUT_S)
-        if code not in (0, 75):  # 75: a supervisor of this job already runs
+            answer = launcher_for(self._state_root).start(job_id, START_TIMEOUT_S)
+        except (LauncherError, OSError) as exc:
             raise BackendError("The job could not be started.",
-                               log_message=f"job {job_id}: supervisor exited {code}: "
-                               f"{_tail(state / SUPERVISOR_LOG)!r}")
+                               log_message=f"job {job_id}: {exc}") from None
+        if answer not in ("started", "another"):  # another: that job's supervisor runs
+            raise BackendError("The job could not be started.",
+                               log_message=f"job {job_id}: the supervisor ended without "
+                               f"starting it: {_tail(state / SUPERVISOR_LOG)!r}")
 
     @staticmethod
     def _wait_started(state: Path) -> dict[str, Any] | None:

@@ -1,6 +1,12 @@
-"""The supervisor of one local job: run as the service (root in multi-user mode) with
-``python -I -S supervisor.py STATE_DIR``; standard library only, so it starts in
-milliseconds and imports nothing a user could shadow.
+"""The supervisor of one local job, and the launcher that forks one per job.
+
+The launcher runs as the service (root in multi-user mode), started by a worker with
+``python -I -S supervisor.py --serve SOCKET``: standard library only, so it imports nothing
+a user could shadow. For each job the worker names on that socket (``0600``, in the
+service's 0700 state directory, and only the service's own uid is answered) it forks a
+supervisor, so a job costs a fork rather than a new interpreter (about 25 ms of CPU, the
+largest share of a start when many start at once). It ends when its worker does, or when
+its socket is removed; the supervisors it forked go on without it.
 
 Everything the worker later believes about the job comes from here, written into
 ``STATE_DIR`` (the service's, mode 0700), never from the job's own directory:
@@ -9,26 +15,30 @@ Everything the worker later believes about the job comes from here, written into
 ``started.json``  our pid and start ticks, the job's pid, the start time (server clock)
 ``ended.json``    the job's exit code from ``waitpid`` and the end time (server clock)
 
-Steps: hold ``supervisor.lock`` for our whole life (the worker's proof that we live), fork
-once so the launcher returns at once, become a child subreaper (whatever the job leaves
+Steps: in a session of our own, hold ``supervisor.lock`` for our whole life (the worker's
+proof that we live), become a child subreaper (whatever the job leaves
 behind is reparented to us, so nothing escapes a stop), enter a network namespace of our
 own when asked (only its loopback, brought up: the job cannot reach a port of the host),
 then fork the job: a new session, the account's own groups, uid and gid, its workdir, and
-``exec`` of its script. ``SIGTERM`` to us stops the job: TERM to every descendant, KILL
-after the grace period. When the job's main process ends, what it left is stopped too.
+``exec`` of its script; once ``started.json`` is written, tell the worker. ``SIGTERM`` to
+us stops the job: TERM to every descendant, KILL after the grace period. When the job's
+main process ends, what it left is stopped too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import json
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
+import traceback
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
@@ -43,6 +53,12 @@ LEFTOVER_GRACE_S = 2.0
 # Once KILLing, the whole tree is swept this often until nothing of it is left.
 KILL_SWEEP_INTERVAL_S = 0.05
 EXIT_ANOTHER_SUPERVISOR = 75
+# The launcher looks this often whether its worker and its socket are still there.
+LAUNCHER_CHECK_S = 2.0
+# How long the launcher gives a worker to send its request once connected.
+REQUEST_TIMEOUT_S = 2.0
+# What a supervisor answers the worker that asked for it.
+STARTED, ANOTHER = b"started\n", b"another\n"
 
 
 def write_atomic(path: str, data: dict) -> None:
@@ -151,7 +167,7 @@ def run_job(spec: dict, report: int) -> None:
         os.dup2(log, 1)
         os.dup2(log, 2)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM,
-                    signal.SIGPIPE, signal.SIGXFSZ):
+                    signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         shell = spec["shell"]
@@ -163,7 +179,8 @@ def run_job(spec: dict, report: int) -> None:
             os._exit(127)
 
 
-def supervise(state_dir: str) -> int:
+def supervise(state_dir: str, worker: socket.socket) -> int:
+    """Run the job of ``state_dir`` to its end; ``worker`` hears when it has started."""
     with open(os.path.join(state_dir, "spec.json")) as f:
         spec = json.load(f)
     lock = os.open(os.path.join(state_dir, "supervisor.lock"),
@@ -171,9 +188,8 @@ def supervise(state_dir: str) -> int:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        answer(worker, ANOTHER)
         return EXIT_ANOTHER_SUPERVISOR
-    if os.fork() > 0:
-        os._exit(0)  # the launcher's child: the worker waits only for this
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     # The OOM killer takes a job's process, never the supervisor holding its tree together.
@@ -186,6 +202,7 @@ def supervise(state_dir: str) -> int:
             write_atomic(os.path.join(state_dir, "started.json"), _started(0, time.time()))
             write_atomic(ended_path, {"code": 127, "ended_at": time.time(),
                                       "detail": f"no network namespace: {exc}"})
+            answer(worker, STARTED)
             return 1
     stopping = {"requested": False}
     grace = float(spec.get("stop_grace_seconds", 10.0))
@@ -214,6 +231,7 @@ def supervise(state_dir: str) -> int:
         run_job(spec, report_w)
     os.close(report_w)
     write_atomic(os.path.join(state_dir, "started.json"), _started(job, time.time()))
+    answer(worker, STARTED)
     failure = b""
     while chunk := os.read(report_r, 2000):  # empty once the job's exec closed it
         failure += chunk
@@ -258,7 +276,134 @@ def check_network_namespace() -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def answer(worker: socket.socket, what: bytes) -> None:
+    """Tell the worker that asked for this job; it may have given up waiting."""
+    try:
+        worker.sendall(what)
+    except OSError:
+        pass
+    worker.close()
+
+
+# --- the launcher -----------------------------------------------------------------------
+
+def serve(socket_path: str) -> int:
+    """``--serve SOCKET``: fork a supervisor for each job a worker names on ``SOCKET``.
+    Says ``ready`` on stdout once it listens; ends with its parent (the worker)."""
+    parent = os.getppid()
+    root, name = os.path.split(socket_path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)  # a launcher of a worker that is gone (we hold its name)
+    # Bound through the directory's descriptor: a socket's path may be 107 bytes at most.
+    directory = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(f"/proc/self/fd/{directory}/{name}")
+    finally:
+        os.umask(old_umask)
+        os.close(directory)
+    server.listen(128)
+    ours = os.stat(socket_path)
+    # Supervisors are reaped by the kernel: a launcher never waits for one.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is its worker's business
+    os.write(1, b"ready\n")
+    os.dup2(2, 1)
+    server.settimeout(LAUNCHER_CHECK_S)
+    while True:
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            if os.getppid() != parent or not _same_file(socket_path, ours):
+                break
+            continue
+        with conn:
+            try:
+                launch_for(conn, server, root)
+            except Exception:  # one bad request never ends the launcher
+                traceback.print_exc()
+    server.close()
+    if _same_file(socket_path, ours):
+        os.unlink(socket_path)
+    return 0
+
+
+def _same_file(path: str, ours: os.stat_result) -> bool:
+    try:
+        now = os.lstat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def launch_for(conn: socket.socket, server: socket.socket, root: str) -> None:
+    """One request: a job id, whose state directory (under ``root``) holds its spec."""
+    conn.settimeout(REQUEST_TIMEOUT_S)
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    struct.calcsize("3i")))
+    if uid != os.geteuid():  # the directory already keeps others out; this says so twice
+        refuse(conn, "not the service's account")
+        return
+    request = b""
+    try:
+        while not request.endswith(b"\n") and len(request) < 64:
+            chunk = conn.recv(64)
+            if not chunk:
+                break
+            request += chunk
+    except OSError:
+        return
+    job = request.decode("ascii", "replace").strip()
+    state_dir = os.path.join(root, job)
+    try:
+        info = os.lstat(state_dir) if job.isdigit() else None
+    except OSError:
+        info = None
+    if info is None or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        refuse(conn, "no such job")
+        return
+    if os.path.lexists(os.path.join(state_dir, "started.json")):
+        refuse(conn, "that job was started already")  # a job runs once, never again
+        return
+    try:
+        child = os.fork()
+    except OSError as exc:  # out of processes, say: this job's launch is retried
+        refuse(conn, f"cannot fork ({exc.strerror})")
+        return
+    if child == 0:
+        code = 1
+        try:
+            server.close()
+            become_supervisor(state_dir)
+            code = supervise(state_dir, conn)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+
+
+def refuse(conn: socket.socket, why: str) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(f"refused: {why}\n".encode())
+
+
+def become_supervisor(state_dir: str) -> None:
+    """In the launcher's child: a session of its own, its log, default signals."""
+    os.setsid()
+    for sig in (signal.SIGCHLD, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    os.chdir(state_dir)
+    log = os.open("supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                  | os.O_CLOEXEC, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--check"]:
         sys.exit(check_network_namespace())
-    sys.exit(supervise(sys.argv[1]))
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        sys.exit(serve(sys.argv[2]))
+    sys.exit("usage: supervisor.py --serve SOCKET | --check")

@@ -372,6 +372,10 @@ def temporal_binary() -> str:
     return found
 
 
+# How every dev server of ours keeps its SQLite file (see start_temporal_dev_server).
+SQLITE_PRAGMAS = ("--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal")
+
+
 def start_temporal_dev_server(
     data_dir: Path, *, host: str = "127.0.0.1", port: int = 7233, ui_port: int = 8233,
     namespace: str = "default",
@@ -384,6 +388,12 @@ def start_temporal_dev_server(
         temporal_binary(), "server", "start-dev",
         "--ip", host, "--port", str(port), "--ui-port", str(ui_port),
         "--db-filename", str(data_dir / "temporal.sqlite"),
+        # A write-ahead log, synced at checkpoints: each of Temporal's transactions no
+        # longer creates, syncs and deletes a rollback journal. bench/jobs_latency.py:
+        # sequential start -> running p50 0.107 -> 0.075 s, exit -> complete 0.046 ->
+        # 0.027 s. A crash of the server loses nothing; a power cut may lose the last
+        # transactions, never the file (a dev server: production runs a Temporal cluster).
+        *SQLITE_PRAGMAS,
         "--namespace", namespace, "--log-level", "warn",
     ]
     for name, kind in SEARCH_ATTRIBUTES.items():

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.devstack import temporal_binary
+from core.devstack import SQLITE_PRAGMAS, temporal_binary
 from core.temporal import SEARCH_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,7 +238,7 @@ class TemporalServer:
             temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1",
             "--port", str(self.port), "--headless", "--http-port", str(free_port()),
             "--metrics-port", str(free_port()), "--db-filename", str(self.db_file),
-            "--namespace", namespace, "--log-level", "warn",
+            *SQLITE_PRAGMAS, "--namespace", namespace, "--log-level", "warn",
         ]
         for name, kind in SEARCH_ATTRIBUTES.items():
             args += ["--search-attribute", f"{name}={kind}"]

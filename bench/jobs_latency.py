@@ -86,9 +86,10 @@ TERMINAL = ("complete", "failed")
 SOCKET_SETTLE_S = 1.0  # a socket subscribes only after its token lookup, after accept
 IDLE_WINDOW_S = 5.0
 
-# The targets of the start-latency work (0.5 s and 0.3 s were the reference's).
+# The targets of the start-latency work (0.24 s was the reference's start -> running).
 TARGET_START_RUNNING_P50 = 0.1
 TARGET_EXIT_COMPLETE_P50 = 0.1
+TARGET_MANY_RUNNING_P50, TARGET_MANY_RUNNING_P99 = 2.0, 4.0  # 200 started at once
 TARGET_CORES = 0.5
 
 
@@ -333,14 +334,15 @@ class Series:
     values: list[float] = field(default_factory=list)
     missing: int = 0
     target: float | None = None  # for p50, in seconds
+    target_p99: float | None = None
 
     def pct(self, p: float) -> float:
         return percentile(self.values, p)
 
 
 def series(label: str, jobs: list[Job], value: Callable[[Job], float | None],
-           target: float | None = None) -> Series:
-    out = Series(label, target=target)
+           target: float | None = None, target_p99: float | None = None) -> Series:
+    out = Series(label, target=target, target_p99=target_p99)
     for job in jobs:
         v = value(job)
         if v is None:
@@ -351,7 +353,7 @@ def series(label: str, jobs: list[Job], value: Callable[[Job], float | None],
 
 
 def latency_rows(tag: str, jobs: list[Job], events: Events, data_dir: Path,
-                 targets: bool) -> list[Series]:
+                 sequential: bool) -> list[Series]:
     def since_exit(job: Job) -> float | None:
         done, exited = events.at(job.id, "complete"), ended_at(data_dir, job)
         return done - exited if done is not None and exited is not None else None
@@ -368,19 +370,24 @@ def latency_rows(tag: str, jobs: list[Job], events: Events, data_dir: Path,
         running = events.at(job.id, "running")
         return running - job.sent if running is not None else None
 
+    if sequential:
+        running = series(f"start -> running ({tag})", jobs, start_running,
+                         TARGET_START_RUNNING_P50)
+    else:
+        running = series(f"start -> running ({tag})", jobs, start_running,
+                         TARGET_MANY_RUNNING_P50, TARGET_MANY_RUNNING_P99)
     return [
-        series(f"start -> running ({tag})", jobs, start_running,
-               TARGET_START_RUNNING_P50 if targets else None),
+        running,
         series("  PUT start round trip", jobs, lambda j: j.answered - j.sent),
         series("  PUT sent -> process up (started.json)", jobs, process_start),
         series("  process up -> running event", jobs, after_process),
         series(f"exit -> complete ({tag})", jobs, since_exit,
-               TARGET_EXIT_COMPLETE_P50 if targets else None),
+               TARGET_EXIT_COMPLETE_P50 if sequential else None),
     ]
 
 
 def print_table(rows: list[Series]) -> None:
-    print(f"\n{'seconds':<40} {'n':>4} {'p50':>7} {'p99':>7} {'max':>7}  target (p50)")
+    print(f"\n{'seconds':<40} {'n':>4} {'p50':>7} {'p99':>7} {'max':>7}  target")
     parent = ""
     for row in rows:
         # An indented row splits the row above it: its figures are named after both.
@@ -389,15 +396,20 @@ def print_table(rows: list[Series]) -> None:
         if not row.values:
             print(f"{row.label:<40} {0:>4}  (no data; {row.missing} missing)")
             continue
-        p50 = row.pct(50)
+        p50, p99 = row.pct(50), row.pct(99)
         target = ""
         if row.target is not None:
-            target = f"< {row.target:g}  {'met' if p50 < row.target else 'MISSED'}"
+            met = p50 <= row.target
+            target = f"p50 <= {row.target:g}"
+            if row.target_p99 is not None:
+                met = met and p99 <= row.target_p99
+                target += f", p99 <= {row.target_p99:g}"
+            target += f"  {'met' if met else 'MISSED'}"
         missing = f"  ({row.missing} missing)" if row.missing else ""
-        print(f"{row.label:<40} {len(row.values):>4} {p50:7.3f} {row.pct(99):7.3f} "
+        print(f"{row.label:<40} {len(row.values):>4} {p50:7.3f} {p99:7.3f} "
               f"{max(row.values):7.3f}  {target}{missing}")
         emit("jobs_latency", f"{name} p50", p50, "s")
-        emit("jobs_latency", f"{name} p99", row.pct(99), "s")
+        emit("jobs_latency", f"{name} p99", p99, "s")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -591,10 +603,10 @@ async def measure(st: Stack, args: argparse.Namespace) -> int:
             conc = await concurrent_phase(client, st, events, args)
             conc["not_listed"] = await final_check(client, conc["jobs"])
 
-    rows = latency_rows("sequential", seq_jobs, events, st.data_dir, targets=True)
+    rows = latency_rows("sequential", seq_jobs, events, st.data_dir, sequential=True)
     if conc is not None:
         rows += latency_rows(f"{args.concurrent} at once", conc["jobs"], events, st.data_dir,
-                             targets=False)
+                             sequential=False)
     print_table(rows)
     if conc is not None:
         print_starts(conc, args.concurrent)

@@ -54,7 +54,7 @@ async def client_loop(n: int, client: httpx.AsyncClient, st: Stack, events: Even
             job = await start_job(client, user, workspace, args.job_seconds,
                                   time_limit_for(args.job_seconds))
         except Exception as exc:  # a refusal is a result here, reported below
-            failures.append(str(exc)[:200])
+            failures.append(f"{type(exc).__name__}: {exc}"[:200])
             await asyncio.sleep(0.5)
             continue
         jobs.append(job)
@@ -75,7 +75,10 @@ async def measure(st: Stack, args: argparse.Namespace) -> int:
     jobs: list[Job] = []
     latencies: list[float] = []
     failures: list[str] = []
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    # Idle connections are dropped before uvicorn closes them (after 5 s): a start sent
+    # on a connection the server is closing at that moment fails, and is not retried.
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients,
+                          keepalive_expiry=4.0)
     async with httpx.AsyncClient(base_url=f"http://{HOST}:{st.api_port}", timeout=60,
                                  limits=limits) as client, sockets(st.api_port, st.users, events):
         print(f"\n{args.clients} clients starting jobs of {args.job_seconds:g}s for "

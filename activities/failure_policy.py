@@ -33,7 +33,7 @@ PERMANENT: tuple[type[errors.ControllerError], ...] = (
     errors.PayloadTooLarge,
 )
 # Steps of a job whose retries the job's events show.
-_JOB_STEPS = {"prepare_job": "preparing", "launch_job": "launch"}
+_JOB_STEPS = {"prepare_job": "preparing", "launch_job": "launch", "start_job": "launch"}
 
 
 class FailurePolicyInterceptor(Interceptor):

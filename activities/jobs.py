@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from db import jobs as job_rows
 from db.queries import workspace_location
 from workflows.models import (
     AbandonInput,
+    AbandonResult,
     ConnectionInput,
     ConnectionResult,
     FinalizeInput,
@@ -28,10 +30,14 @@ from workflows.models import (
     JobStatusUpdate,
     LaunchInput,
     PrepareResult,
+    StartJobInput,
+    StartJobResult,
     StopJobInput,
     WatchInput,
     WatchResult,
 )
+
+log = logging.getLogger(__name__)
 
 # How often a long watch tells Temporal it is alive (the workflow's heartbeat timeout is
 # 15 s; the SDK throttles what it sends to well under that).
@@ -54,16 +60,16 @@ class JobActivities:
     async def prepare_job(self, inp: JobInput) -> PrepareResult:
         # Heartbeats, as for launch: a worker killed here is replaced in seconds.
         async with heartbeating(_HEARTBEAT_SECONDS):
-            return await self._prepare(inp)
+            account = await self._account(inp.user_id, inp.resource_name)
+            return await self._prepare(inp, account)
 
-    async def _prepare(self, inp: JobInput) -> PrepareResult:
+    async def _prepare(self, inp: JobInput, account: ExternalAccount) -> PrepareResult:
         location = await workspace_location(inp.workspace_id)
         if location is None or not location["file_path"]:
             # Deleted under the job (or never made): no retry brings it back.
             raise InvalidRequest(f"Workspace {inp.workspace_id} no longer exists.")
         workdir = job_dir(location["file_path"], inp.job_id)
         resource = self._c.resource(inp.resource_name)
-        account = await self._account(inp.user_id, inp.resource_name)
         await asyncio.to_thread(_make_job_dir, location["file_path"], inp.job_id, account)
         job_type = self._c.job_type(inp.job_type)
         # Where a session listens is the resource's decision, made here before launch; its
@@ -83,23 +89,65 @@ class JobActivities:
 
     @activity.defn(name="launch_job")
     async def launch_job(self, inp: LaunchInput) -> dict[str, Any]:
-        resource = self._c.resource(inp.resource_name)
         account = await self._account(inp.user_id, inp.resource_name)
         # Heartbeats: a worker killed mid-launch is noticed in seconds and the launch is
         # retried elsewhere (finding the job it submitted), not after the whole timeout.
         async with heartbeating(_HEARTBEAT_SECONDS):
-            return await resource.launch(LaunchRequest(
-                job_id=inp.job_id, script=inp.script, workdir=inp.workdir, account=account,
-                resource_options=inp.resource_options, env=inp.env,
-                time_limit_min=inp.time_limit_min,
-            ))
+            return await self._launch(inp, account)
+
+    async def _launch(self, inp: LaunchInput, account: ExternalAccount) -> dict[str, Any]:
+        return await self._c.resource(inp.resource_name).launch(LaunchRequest(
+            job_id=inp.job_id, script=inp.script, workdir=inp.workdir, account=account,
+            resource_options=inp.resource_options, env=inp.env,
+            time_limit_min=inp.time_limit_min,
+        ))
+
+    @activity.defn(name="start_job")
+    async def start_job(self, inp: StartJobInput) -> StartJobResult:
+        """A new job from its row to its first status, in one local activity (each local
+        activity costs the worker ~2 ms of CPU: bench/jobs_latency.py): prepare, launch,
+        look once, and write "running" with the resource's job id, or "pending" when it
+        waits in a queue. Each step is idempotent, so the whole is: a retry after a crash
+        prepares again, finds the job it launched and writes the same status."""
+        job = inp.job
+        account = await self._account(job.user_id, job.resource_name)
+        prep = await self._prepare(job, account)
+        handle = await self._launch(LaunchInput(
+            job_id=job.job_id, resource_name=job.resource_name, workdir=prep.workdir,
+            script=prep.script, resource_options=job.resource_options, env=prep.env,
+            time_limit_min=job.time_limit_min, user_id=job.user_id,
+        ), account)
+        resource_job_id = int(handle.get("id", -1))
+        try:
+            state = await self._c.resource(job.resource_name).poll(handle)
+        except Exception:  # the watch that follows meets (and handles) the same failure
+            log.warning("first look at job %s failed", job.job_id, exc_info=True)
+            state = None
+        if state is not None and state.status == "running":
+            hostname = state.hostname or "127.0.0.1"
+            written = JobStatusUpdate(job_id=job.job_id, status="running",
+                                      resource_job_id=resource_job_id, set_start=True,
+                                      event="running")
+        else:
+            hostname = ""
+            written = JobStatusUpdate(job_id=job.job_id, status="pending",
+                                      resource_job_id=resource_job_id, event="launched")
+        await _write_status(written)
+        return StartJobResult(workdir=prep.workdir, interactive=prep.interactive,
+                              handle=handle, hostname=hostname, written=written)
 
     @activity.defn(name="abandon_launch")
-    async def abandon_launch(self, inp: AbandonInput) -> None:
+    async def abandon_launch(self, inp: AbandonInput) -> AbandonResult:
         resource = self._c.resource(inp.resource_name)
         account = await self._account(inp.user_id, inp.resource_name)
+        workdir = inp.workdir
+        if not workdir:  # a start in one step: its job directory, as prepare made it
+            location = await workspace_location(inp.workspace_id)
+            workdir = job_dir(location["file_path"], inp.job_id) \
+                if location and location["file_path"] else ""
         async with heartbeating(_HEARTBEAT_SECONDS):
-            await resource.abandon(inp.job_id, inp.workdir, account)
+            used = await resource.abandon(inp.job_id, workdir, account)
+        return AbandonResult(core_hours=float(used or 0.0))
 
     @activity.defn(name="watch_job")
     async def watch_job(self, inp: WatchInput) -> WatchResult:
@@ -167,11 +215,7 @@ class JobActivities:
         """Write the status (and publish it); the update comes back as the result, so a
         local activity's marker, which keeps no input, still tells the job's timeline
         what was written (``api.job_timeline``)."""
-        await job_rows.record_status(
-            update.job_id, update.status, resource_job_id=update.resource_job_id,
-            set_start=update.set_start, current_job_details=update.current_job_details,
-            event=update.event,
-        )
+        await _write_status(update)
         return update
 
     @activity.defn(name="session_idle_seconds")
@@ -186,9 +230,17 @@ class JobActivities:
         return inp  # for the timeline, as record_job_status does
 
     def all(self) -> list:
-        return [self.prepare_job, self.launch_job, self.abandon_launch, self.watch_job,
-                self.stop_job, self.job_connection, self.record_job_status,
+        return [self.prepare_job, self.launch_job, self.start_job, self.abandon_launch,
+                self.watch_job, self.stop_job, self.job_connection, self.record_job_status,
                 self.session_idle_seconds, self.finalize_job]
+
+
+async def _write_status(update: JobStatusUpdate) -> None:
+    await job_rows.record_status(
+        update.job_id, update.status, resource_job_id=update.resource_job_id,
+        set_start=update.set_start, current_job_details=update.current_job_details,
+        event=update.event,
+    )
 
 
 def _reason_changed(inp: WatchInput, state: JobState) -> bool:

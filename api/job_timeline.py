@@ -11,7 +11,7 @@ from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from workflows.models import FinalizeInput, JobStatusUpdate, job_workflow_id
+from workflows.models import FinalizeInput, JobStatusUpdate, StartJobResult, job_workflow_id
 
 T = TypeVar("T")
 # How the SDK records a local activity in the history (its type and result inside).
@@ -48,6 +48,7 @@ class _Reader:
         except (ValueError, IndexError):
             return None
         kinds: dict[str, type] = {"record_job_status": JobStatusUpdate,
+                                  "start_job": StartJobResult,
                                   "finalize_job": FinalizeInput}
         kind = kinds.get(data.get("activity_type", "")) if isinstance(data, dict) else None
         if kind is None:
@@ -57,6 +58,8 @@ class _Reader:
                 list(details["result"].payloads), [kind])[0]
         except Exception:
             return None
+        if isinstance(written, StartJobResult):
+            written = written.written
         detail = written.event if isinstance(written, JobStatusUpdate) else written.detail
         return {"time": at, "type": "status", "status": written.status, "detail": detail}
 

@@ -342,10 +342,12 @@ class ComputeResource(Plugin):
     async def stop(self, handle: Mapping[str, Any], grace_seconds: float) -> None:
         """End the job; stopping one already ended is not an error."""
 
-    async def abandon(self, job_id: int, workdir: str, account: ExternalAccount) -> None:
+    async def abandon(self, job_id: int, workdir: str, account: ExternalAccount) -> float:
         """A launch of ``job_id`` was given up (a stop or the time limit came first) and its
-        outcome is unknown: end whatever it may have started. Idempotent; nothing started
-        is not an error."""
+        outcome is unknown: end whatever it may have started, and return the core-hours
+        that used (0.0 when nothing had started). Idempotent; nothing started is not an
+        error."""
+        return 0.0
 
     def session_endpoint(self, job_id: int, account: ExternalAccount) -> SessionEndpoint:
         """Where job ``job_id``'s interactive session will listen (no I/O: the same answer

@@ -26,6 +26,7 @@ from temporalio.workflow import ActivityCancellationType, ActivityHandle
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
         AbandonInput,
+        AbandonResult,
         ConnectionInput,
         ConnectionResult,
         ExtendRequest,
@@ -38,6 +39,8 @@ with workflow.unsafe.imports_passed_through():
         JobStatusUpdate,
         LaunchInput,
         PrepareResult,
+        StartJobInput,
+        StartJobResult,
         StopJobInput,
         StopRequest,
         WatchInput,
@@ -73,6 +76,10 @@ _LOCAL_STEP = timedelta(minutes=5)
 # Status writes and the final write as local activities too (the timeline reads them
 # from their markers).
 _PATCH_LOCAL_RECORDS = "local-status-records"
+# Prepare, launch, the first look and the first status write as one local activity
+# (``start_job``): each local activity costs the worker ~2 ms of CPU, which is what 200
+# jobs started at once wait for (bench/jobs_latency.py).
+_PATCH_ONE_START_STEP = "one-start-step"
 
 
 def _permanent_reason(err: ActivityError | ApplicationError) -> str | None:
@@ -152,9 +159,10 @@ class JobWorkflow:
         if st.phase == "launched":
             status, core_hours, detail = await self._watch()
         elif st.fail_reason:  # it never reached the resource, and never will
-            status, core_hours, detail = "failed", 0.0, st.fail_reason
-        else:  # stopped (or out of time) before it reached the resource
-            status, core_hours, detail = "complete", 0.0, st.stop_reason or "Time limit reached."
+            status, core_hours, detail = "failed", st.abandoned_core_hours, st.fail_reason
+        else:  # stopped (or out of time) before its launch was through
+            status, core_hours = "complete", st.abandoned_core_hours
+            detail = st.stop_reason or "Time limit reached."
         await self._finalize(status, core_hours, detail)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return status
@@ -190,6 +198,9 @@ class JobWorkflow:
         limit. A failure no retry can cure ends the job with its reason; a launch given up
         with its outcome unknown is abandoned (whatever it started is ended)."""
         inp, st = self._inp, self.state
+        if workflow.patched(_PATCH_ONE_START_STEP):
+            await self._start_in_one_step()
+            return
         if st.stop_requested:
             return
         local = workflow.patched(_PATCH_LOCAL_START)
@@ -234,6 +245,54 @@ class JobWorkflow:
             return
         # Launched, even if a stop or a limit came meanwhile: the watch ends it properly.
         await self._launched(handle, prep, look_first=local)
+
+    async def _start_in_one_step(self) -> None:
+        """``start_job`` racing a stop request, the time limit and the pending limit, as
+        prepare and launch did; given up, whatever it started is ended."""
+        inp, st = self._inp, self.state
+        abandon = AbandonInput(job_id=inp.job_id, resource_name=inp.resource_name,
+                               workdir="", user_id=inp.user_id, workspace_id=inp.workspace_id)
+        if st.stop_requested:
+            # Stopped before its start. A local activity leaves no trace in the history
+            # until its workflow task completes, so an attempt of this task by a worker
+            # that died since may have launched the job all the same: end what it did.
+            await self._abandon_launch(abandon)
+            return
+        started, interrupted = await self._unless_interrupted(workflow.start_local_activity(
+            "start_job", StartJobInput(job=inp), result_type=StartJobResult,
+            start_to_close_timeout=_LOCAL_STEP, retry_policy=_RETRY_FOREVER,
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        ))
+        if started is None:
+            # Failed for good, it launched nothing (every such failure comes before the
+            # launch, or is the resource's refusal); cancelled, it may have.
+            if interrupted:
+                await self._abandon_launch(abandon)
+            return
+        # Launched, even if a stop or a limit came meanwhile: the watch ends it properly.
+        st.handle = started.handle
+        st.phase = "launched"
+        st.hostname = started.hostname
+        inp.job_details = {**inp.job_details, "workdir": started.workdir,
+                           "interactive": started.interactive}
+        self._set_status(started.written.status)
+
+    async def _abandon_launch(self, abandon: AbandonInput) -> None:
+        """End whatever a launch given up started; what it had used is still counted."""
+        try:
+            ended: AbandonResult = await workflow.execute_activity(
+                "abandon_launch", abandon, result_type=AbandonResult,
+                start_to_close_timeout=timedelta(minutes=2), retry_policy=_RETRY_FOREVER,
+                heartbeat_timeout=_WATCH_HEARTBEAT,
+            )
+        except ActivityError as err:  # its resource is no longer configured, say
+            reason = _permanent_reason(err)
+            if reason is None:
+                raise
+            workflow.logger.warning("abandoning job %s's launch failed: %s",
+                                    abandon.job_id, reason)
+            return
+        self.state.abandoned_core_hours = ended.core_hours
 
     async def _unless_interrupted(self, handle: ActivityHandle) -> tuple[Any, bool]:
         """(the activity's result or None, whether a stop or a limit came first). A failure

@@ -121,6 +121,8 @@ class JobRunState:
     pending_since: float = 0.0  # workflow time of the first run
     # Why the resource keeps the job queued, as last shown (Slurm's Resources, say).
     pending_reason: str = ""
+    # What a launch given up had used (it ran until ended by ``abandon_launch``).
+    abandoned_core_hours: float = 0.0
 
 
 @dataclass
@@ -143,8 +145,14 @@ class AbandonInput:
 
     job_id: int
     resource_name: str
-    workdir: str
+    workdir: str  # "": the job's directory in its workspace (a start in one step)
     user_id: int
+    workspace_id: int = 0
+
+
+@dataclass
+class AbandonResult:
+    core_hours: float = 0.0  # of what it ended: 0.0 when nothing had started
 
 
 @dataclass
@@ -220,6 +228,29 @@ class JobStatusUpdate:
     core_hours: float | None = None
     current_job_details: dict | None = None
     event: str = ""
+
+
+@dataclass
+class StartJobInput:
+    """``start_job``: prepare, launch, look once and write the first status."""
+
+    job: JobInput
+
+    @property
+    def job_id(self) -> int:
+        return self.job.job_id
+
+
+@dataclass
+class StartJobResult:
+    """Where the job runs and how to reach it again, and the first status written (for
+    the timeline: a local activity's marker keeps its result, not its input)."""
+
+    workdir: str
+    interactive: bool
+    handle: dict
+    hostname: str
+    written: JobStatusUpdate
 
 
 @dataclass

@@ -25,6 +25,8 @@ REQUIRED = {
     "slurm_session_stopped", "slurm_session_idle_stopped", "slurm_session_queued",
     "slurm_session_worker_killed", "slurm_session_requeued",
     "scan_coalesced", "scan_continued_as_new", "upkeep_usage", "upkeep_reconcile",
+    "job_launch_refused", "job_pending_too_long", "job_stopped_while_launching",
+    "job_continued_as_new", "job_idle_stopped", "job_stopped_after_lost_start",
 }
 
 

@@ -260,9 +260,10 @@ async def slurm_jobs_named(rest: httpx.AsyncClient, name: str) -> list[dict]:
 
 
 async def record_history(temporal_env, job_id: int, name: str, slurm_root: Path) -> None:
-    """With ``UWS_RECORD_HISTORIES=1``, save the job's workflow history for the replay
-    tests, with this machine's paths scrubbed (replay reads no paths)."""
-    from tests.replay.recording import HISTORIES, REPO
+    """With ``UWS_RECORD_HISTORIES=1``, add the job's workflow history to the replay
+    corpus as a new recording of ``name`` (never over an older one), with this machine's
+    paths scrubbed (replay reads no paths)."""
+    from tests.replay.recording import HISTORIES, REPO, write_new
     from workflows.models import job_workflow_id
 
     if os.environ.get("UWS_RECORD_HISTORIES") != "1":
@@ -271,7 +272,7 @@ async def record_history(temporal_env, job_id: int, name: str, slurm_root: Path)
     await handle.result()
     text = (await handle.fetch_history()).to_json()
     scrub = {str(REPO): "/repo", str(slurm_root): "/tmp/uws-slurm-test"}
-    (HISTORIES / f"{name}.json").write_text(scrub_history(text, scrub))
+    write_new(HISTORIES, name, scrub_history(text, scrub))
 
 
 def scrub_history(text: str, replace: dict[str, str]) -> str:

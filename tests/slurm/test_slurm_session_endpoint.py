@@ -39,7 +39,10 @@ def test_session_directory_is_the_owners(account: ExternalAccount, tmp_path: Pat
     assert (token.stat().st_uid, stat.S_IMODE(token.stat().st_mode)) == (account.uid, 0o600)
     first = read_token(endpoint)
     assert first == token.read_text()
-    dirs.make(41, account)  # a retried prepare starts clean, with a new token
+    dirs.make(41, account)  # prepared again: the (maybe running) session keeps its token
+    assert read_token(endpoint) == first
+    token.unlink()
+    dirs.make(41, account)  # one left unfinished starts clean, with a new token
     assert read_token(endpoint) not in (None, first)
     dirs.remove(41)
     assert not (root / "41").exists()

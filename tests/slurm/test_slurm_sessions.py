@@ -36,8 +36,6 @@ from tests.slurm.test_slurm_jobs import workspace_dir
 
 pytestmark = pytest.mark.slow
 READY = "Webserver ready."
-# Histories recorded from these runs (UWS_RECORD_HISTORIES=1) join the replay corpus.
-RECORDED = "20261204"
 
 
 async def ready_session(client: httpx.AsyncClient, user: SlurmUser, job_id: int) -> dict:
@@ -200,7 +198,7 @@ async def test_session_on_slurm_in_the_browser(slurm_client, slurm_user, slurm_a
     assert response is not None and response.status == 403
     assert "has ended" in await page.content()
     await context.close()
-    await record_history(temporal_env, job["id"], f"slurm_session_stopped-{RECORDED}",
+    await record_history(temporal_env, job["id"], "slurm_session_stopped",
                          slurm_root)
 
 
@@ -216,7 +214,7 @@ async def test_idle_session_is_stopped_on_slurm(slurm_client, slurm_user, slurm_
     sjob = await slurm_job(slurm_rest, job["id"])
     assert sjob["job_state"] in ("CANCELLED", "COMPLETED"), sjob["job_state"]
     await eventually(lambda: gone(pwd.getpwnam(slurm_user.name).pw_uid), timeout=60)
-    await record_history(temporal_env, job["id"], f"slurm_session_idle_stopped-{RECORDED}",
+    await record_history(temporal_env, job["id"], "slurm_session_idle_stopped",
                          slurm_root)
 
 
@@ -256,7 +254,7 @@ async def test_queued_session_shows_slurm_reason(slurm_client, slurm_user, slurm
     assert ready["job_details"]["current_job_details"].get("pending_reason") is None
     done = await stop_and_wait(slurm_client, slurm_user, job["id"])
     assert done["status"] == "complete", done
-    await record_history(temporal_env, job["id"], f"slurm_session_queued-{RECORDED}",
+    await record_history(temporal_env, job["id"], "slurm_session_queued",
                          slurm_root)
 
 
@@ -283,7 +281,7 @@ async def test_worker_killed_while_session_runs(slurm_client, slurm_user, slurm_
     assert done["status"] == "complete", done
     ended = await slurm_job(slurm_rest, job["id"])
     assert ended["job_state"] in ("CANCELLED", "COMPLETED"), ended["job_state"]
-    await record_history(temporal_env, job["id"], f"slurm_session_worker_killed-{RECORDED}",
+    await record_history(temporal_env, job["id"], "slurm_session_worker_killed",
                          slurm_root)
 
 
@@ -308,7 +306,7 @@ async def test_node_failure_fails_the_session(slurm_client, slurm_user, slurm_re
     assert sjob["restart_cnt"] == 1
     assert sjob["job_state"] == "CANCELLED", sjob["job_state"]
     await eventually(lambda: gone(pwd.getpwnam(slurm_user.name).pw_uid), timeout=60)
-    await record_history(temporal_env, job["id"], f"slurm_session_requeued-{RECORDED}",
+    await record_history(temporal_env, job["id"], "slurm_session_requeued",
                          slurm_root)
 
 

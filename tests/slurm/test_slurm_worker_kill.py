@@ -70,11 +70,12 @@ async def test_sigkill_worker_mid_submit(temporal_env, slurm_settings, slurm_cli
     assert job["status"] == "complete"
     assert job["resource_job_id"] == submitted[0]["job_id"]
     assert job["core_hours"] > 0
-    # The launch runs as a local activity inside the workflow task: the killed worker's task
-    # timed out, the next worker ran the launch again, and it found the job the first one
-    # had submitted (one Slurm job above); one launch is recorded.
+    # The start (prepare, launch, first look) runs as one local activity inside the
+    # workflow task: the killed worker's task timed out, the next worker ran the start
+    # again, and its launch found the job the first one had submitted (one Slurm job
+    # above); one start is recorded.
     history = await handle.fetch_history()
-    launches = [e for e in history.events if _local_activity(e) == "launch_job"]
+    launches = [e for e in history.events if _local_activity(e) == "start_job"]
     assert len(launches) == 1
     timed_out = [e.event_id for e in history.events
                  if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT]

@@ -775,11 +775,22 @@ async def test_session_endpoint_is_decided_by_the_resource(env: Env):
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (env.account.uid, 0o600)
     token = token_file.read_text()
     assert len(token) == 48 and int(token, 16) >= 0
-    # A retried preparation starts clean, with a new secret.
-    (directory / "planted").write_text("x")
+    # Prepared again (a workflow task retried after its worker died, maybe once the
+    # session runs): the running session keeps its socket and its token.
+    (directory / "session.sock").write_text("stands for the socket")
+    assert await env.resource.prepare_session(21, env.account) == endpoint
+    assert sorted(p.name for p in directory.iterdir()) == ["session.sock", "token"]
+    assert token_file.read_text() == token
+    # One left unfinished (no token yet, or not the account's) starts clean, with a new one.
+    token_file.unlink()
     assert await env.resource.prepare_session(21, env.account) == endpoint
     assert sorted(p.name for p in directory.iterdir()) == ["token"]
     assert token_file.read_text() != token
+    os.chown(directory, 0, 0)
+    second = token_file.read_text()
+    assert await env.resource.prepare_session(21, env.account) == endpoint
+    assert directory.stat().st_uid == env.account.uid
+    assert token_file.read_text() not in (token, second)
 
 
 async def test_the_session_is_the_jobs_and_nobody_elses(env: Env, stranger: ExternalAccount):

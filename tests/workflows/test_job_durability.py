@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import uuid
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
@@ -15,15 +21,18 @@ from temporalio.worker import Worker
 from controllers.base import LaunchRequest, WorkspaceScan
 from controllers.errors import BackendError, InvalidRequest
 from controllers.resources.local import LocalResource
+from controllers.resources.local.procfs import is_alive
 from controllers.storage.local_fs import LocalFileSystemStorage
 from db import quotas
 from db.tables import Job
-from tests.conftest import eventually
+from tests.conftest import TEST_CONFIG, eventually
 from tests.replay.recording import maybe_record
 from tests.workflows.test_job_workflow import _job, _swap_resource
 from worker import build_worker
 from workflows.job import JobWorkflow
 from workflows.models import ExtendRequest, JobContinuation, JobInput, JobRunState, StopRequest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class RefusingResource(LocalResource):
@@ -43,9 +52,40 @@ class UnreachableResource(LocalResource):
         type(self).launches += 1
         raise BackendError("Slurm cannot be reached.")
 
-    async def abandon(self, job_id: int, workdir: str, account: Any) -> None:
+    async def abandon(self, job_id: int, workdir: str, account: Any) -> float:
         type(self).abandoned.append(job_id)
-        await super().abandon(job_id, workdir, account)
+        return await super().abandon(job_id, workdir, account)
+
+
+class LostAfterLaunchResource(LocalResource):
+    """Launches for real, then never answers the first look: the start's workflow task
+    never completes (``LOST_WORKER`` runs it in a worker the test then SIGKILLs)."""
+
+    async def poll(self, handle: Any) -> Any:
+        await asyncio.Event().wait()
+
+
+# A worker process with LostAfterLaunchResource as its main resource.
+LOST_WORKER = """
+import asyncio
+from api.app import load_controllers
+from core.settings import get_settings
+from core.temporal import connect
+from db.engine import open_engine
+from tests.workflows.test_job_durability import LostAfterLaunchResource
+from tests.workflows.test_job_workflow import _swap_resource
+from worker import build_worker
+
+async def main():
+    settings = get_settings()
+    controllers, _ = _swap_resource(load_controllers(settings), LostAfterLaunchResource)
+    await controllers.prepare()
+    client = await connect(settings)
+    await open_engine(settings.database_url)
+    await build_worker(client, controllers, settings.task_queue).run()
+
+asyncio.run(main())
+"""
 
 
 class BrokenScanStorage(LocalFileSystemStorage):
@@ -141,6 +181,49 @@ async def test_stop_wins_over_a_launch_being_retried(temporal_env, controllers,
     row = await _row(job_id)
     assert "Stopped by user." in row["job_details"]
     assert job_id in UnreachableResource.abandoned
+
+
+async def test_a_stop_while_a_lost_start_is_retried_ends_what_it_launched(
+        temporal_env, controllers, engine, database_url, data_dir, tmp_path) -> None:
+    """The worker running a job's start launches it and dies before its workflow task
+    completes (a local activity leaves no trace in the history until then); the user
+    stops the job meanwhile. The next worker sees the stop first: it must still end the
+    process the lost attempt launched, and count what it used."""
+    queue = f"durable-{uuid.uuid4()}"
+    user_id, ws, job_id, _ = await _job(controllers)
+    env = {**os.environ, "UWS_DATABASE_URL": database_url, "UWS_DATA_DIR": str(data_dir),
+           "UWS_CONFIG": str(TEST_CONFIG), "UWS_TASK_QUEUE": queue, "PYTHONPATH": str(ROOT),
+           "UWS_TEMPORAL_ADDRESS": temporal_env.client.service_client.config.target_host}
+    with (tmp_path / "lost-worker.log").open("wb") as log:
+        lost = subprocess.Popen([sys.executable, "-c", LOST_WORKER], env=env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
+    started = data_dir / "local-jobs" / str(job_id) / "started.json"
+    try:
+        inp = JobInput(job_id=job_id, user_id=user_id, workspace_id=ws,
+                       job_type="local_test_job", time_limit_min=5,
+                       resource_name=controllers.config.main_resource,
+                       job_details={"duration_seconds": 600})
+        handle = await temporal_env.client.start_workflow(
+            JobWorkflow.run, JobContinuation(inp=inp, state=JobRunState()),
+            id=f"job-test-{uuid.uuid4()}", task_queue=queue,
+            task_timeout=timedelta(seconds=2))  # a lost task is retried soon
+        await eventually(lambda: asyncio.sleep(0, started.exists()), timeout=60)
+        await asyncio.sleep(1.5)  # it has been running for a while
+    finally:
+        lost.kill()
+        lost.wait()
+    record = json.loads(started.read_text())
+    job = (record["job_pid"], record["job_ticks"])
+    assert is_alive(*job)  # the worker is gone, not the job
+    await handle.signal(JobWorkflow.request_stop, StopRequest(reason="Stopped by user."))
+    async with _worker(temporal_env.client, controllers, queue):
+        assert await asyncio.wait_for(handle.result(), 60) == "complete"
+        await maybe_record(handle, "job_stopped_after_lost_start")
+    assert not is_alive(*job)
+    row = await _row(job_id)
+    assert row["status"] == "complete"
+    assert "Stopped by user." in row["job_details"]
+    assert row["core_hours"] > 0  # it ran 1.5 s and more on one CPU
 
 
 async def test_failed_rescan_never_changes_the_outcome(temporal_env, controllers,

@@ -292,15 +292,19 @@ class LocalResource(ComputeResource):
             "started_at": float(started["started_at"]),
         }
 
-    async def abandon(self, job_id: int, workdir: str, account: ExternalAccount) -> None:
+    async def abandon(self, job_id: int, workdir: str, account: ExternalAccount) -> float:
         state = self._state_root / str(job_id)
         if not state.is_dir():
-            return
+            return 0.0
         # Under the launch lock: a launch still running in a thread finishes first.
         started = await asyncio.to_thread(self._started_under_lock, state)
-        if started is not None:
-            request = LaunchRequest(job_id=job_id, script="", workdir=workdir, account=account)
-            await self.stop(self._handle(request, state, started, 1), 0.0)
+        if started is None:
+            return 0.0
+        spec = _read_json(state / SPEC) or {}
+        request = LaunchRequest(job_id=job_id, script="", workdir=workdir, account=account)
+        handle = self._handle(request, state, started, int(spec.get("cpus", 1)))
+        await self.stop(handle, 0.0)
+        return (await self.poll(handle)).core_hours or 0.0
 
     @staticmethod
     def _started_under_lock(state: Path) -> dict[str, Any] | None:

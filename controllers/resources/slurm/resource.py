@@ -440,11 +440,15 @@ class SlurmResource(ComputeResource):
             await asyncio.sleep(self.s.stop_poll_seconds)
         await self._delete(path, user, None)
 
-    async def abandon(self, job_id: int, workdir: str, account: ExternalAccount) -> None:
+    async def abandon(self, job_id: int, workdir: str, account: ExternalAccount) -> float:
         found = await self._find(self.job_name(job_id), account.username, workdir)
         if found is not None:
             await self._delete(self.adapter.job_path(found.job_id), account.username, None)
         await asyncio.to_thread(self.sessions.remove, job_id)
+        if found is None:
+            return 0.0
+        # As found, just before its cancellation: the time it had run.
+        return job_state(found, time.time()).core_hours or 0.0
 
     async def _delete(self, path: str, user: str, params: dict[str, str] | None) -> bool:
         """False when Slurm does not know the job (already gone)."""

@@ -340,11 +340,8 @@ def _same_file(path: str, ours: os.stat_result) -> bool:
 def launch_for(conn: socket.socket, server: socket.socket, root: str) -> None:
     """One request: a job id, whose state directory (under ``root``) holds its spec."""
     conn.settimeout(REQUEST_TIMEOUT_S)
-    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                    struct.calcsize("3i")))
-    if uid != os.geteuid():  # the directory already keeps others out; this says so twice
-        refuse(conn, "not the service's account")
-        return
+    # The request is read before anything is answered: a refusal sent first would break
+    # the pipe the asker is still writing to, and it would never read why.
     request = b""
     try:
         while not request.endswith(b"\n") and len(request) < 64:
@@ -353,6 +350,11 @@ def launch_for(conn: socket.socket, server: socket.socket, root: str) -> None:
                 break
             request += chunk
     except OSError:
+        return
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    struct.calcsize("3i")))
+    if uid != os.geteuid():  # the directory already keeps others out; this says so twice
+        refuse(conn, "not the service's account")
         return
     job = request.decode("ascii", "replace").strip()
     state_dir = os.path.join(root, job)

@@ -16,9 +16,16 @@ from controllers.base import CopyProgress
 from controllers.errors import BackendError
 from controllers.notify.email import EmailRejected, Invitation
 from controllers.registry import Controllers
-from db import accounts, shares
-from db.queries import set_workspace_status_if
-from workflows.models import ShareCopyResult, ShareRef, WorkspaceStatusInput
+from core.status import WorkspaceStatus
+from db import accounts, shares, workspaces
+from workflows.models import (
+    InvitationResult,
+    ShareCopyResult,
+    ShareRef,
+    StatusChange,
+    WorkspaceStatusInput,
+)
+from workflows.steps import ShareSteps
 
 _HEARTBEAT_SECONDS = 2.0
 
@@ -32,11 +39,11 @@ def _name(first: str, last: str, fallback: str) -> str:
     return " ".join(p for p in (first, last) if p) or fallback
 
 
-class ShareActivities:
+class ShareActivities(ShareSteps):
     def __init__(self, controllers: Controllers) -> None:
         self._c = controllers
 
-    @activity.defn(name="copy_shared_workspace")
+    @activity.defn
     async def copy_shared_workspace(self, ref: ShareRef) -> ShareCopyResult:
         """Copy, resuming after the last entry an earlier attempt reported."""
         row = await shares.one(ref.shared_workspace_id)
@@ -83,8 +90,11 @@ class ShareActivities:
                 await ticker
         return ShareCopyResult(files=done.files_done, bytes=done.bytes_done)
 
-    @activity.defn(name="send_share_invitation")
-    async def send_share_invitation(self, ref: ShareRef) -> bool:
+    @activity.defn
+    async def send_share_invitation(self, ref: ShareRef) -> InvitationResult:
+        return InvitationResult(sent=await self._invite(ref))
+
+    async def _invite(self, ref: ShareRef) -> bool:
         row = await shares.one(ref.shared_workspace_id)
         if row is None:
             return False
@@ -112,10 +122,11 @@ class ShareActivities:
                                            "user_id": row["s_user_id"]})
             return False
 
-    @activity.defn(name="set_workspace_status")
-    async def set_workspace_status(self, inp: WorkspaceStatusInput) -> bool:
-        return await set_workspace_status_if(inp.workspace_id, inp.status, inp.reason,
-                                             inp.only_from)
+    @activity.defn
+    async def set_workspace_status(self, inp: WorkspaceStatusInput) -> StatusChange:
+        changed = await workspaces.set_status_if(inp.workspace_id, WorkspaceStatus(inp.status),
+                                                 inp.reason, inp.only_from)
+        return StatusChange(changed=changed)
 
     def all(self) -> list[Any]:
         return [self.copy_shared_workspace, self.send_share_invitation,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from litestar import Litestar
@@ -19,11 +18,12 @@ from api.errors import exception_handlers
 from api.live_status import JobEventBus
 from api.metrics import instrument, metrics_endpoint
 from api.openapi import openapi_config
-from api.passthrough_relay import PassthroughRelay
+from api.passthrough import PassthroughRelay
+from api.passthrough.routes import passthrough
+from api.principal import TokenCache
 from api.routes.catalogue import CatalogueRoutes
 from api.routes.jobs import JobRoutes
 from api.routes.live import watch_job, watch_jobs
-from api.routes.passthrough import passthrough
 from api.routes.shares import SharedWorkspaceRoutes
 from api.routes.tokens import TokenRoutes
 from api.routes.users import UserRoutes
@@ -31,36 +31,27 @@ from api.routes.workspaces import WorkspaceRoutes
 from api.session_activity import SessionActivity
 from api.slashes import AppendSlash
 from api.state import AppState
-from api.tokens_cache import TokenCache
 from api.ui.routes import TEMPLATES as UI_TEMPLATES
 from api.ui.routes import UiRoutes
 from api.ui.routes import static_files as ui_static_files
-from controllers.registry import Controllers, build_controllers
-from core.config import load_config
+from controllers.registry import Controllers
 from core.secret_key import load_secret_key
-from core.settings import Settings, get_settings
+from core.settings import Settings
 from core.temporal import connect, credentials_reloaded
 from db.engine import close_engine, open_engine
 
 log = logging.getLogger("uws.api")
 
 
-def load_controllers(settings: Settings) -> Controllers:
-    """Read and validate ``config.toml`` and build every plugin (fails before serving)."""
-    config = load_config(settings.config)
-    return build_controllers(config, file=str(settings.config), data_dir=Path(settings.data_dir))
-
-
 def create_app(
-    settings: Settings | None = None,
+    settings: Settings,
     *,
-    controllers: Controllers | None = None,
+    controllers: Controllers,
     temporal: Client | None = None,
     extra_handlers: Sequence[Any] = (),
 ) -> AppendSlash:
-    """The ASGI app: Litestar behind the trailing-slash redirect (``.app`` is Litestar)."""
-    settings = settings or get_settings()
-    controllers = controllers or load_controllers(settings)
+    """The ASGI app: Litestar behind the trailing-slash redirect (``.app`` is Litestar).
+    ``controllers`` are the configured plugins (``app.controllers.load_controllers``)."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -79,7 +70,7 @@ def create_app(
         app.state.uws = AppState(
             settings=settings, controllers=controllers, temporal=client, bus=bus,
             relay=relay, activity=activity, secret_key=load_secret_key(settings),
-            token_cache=TokenCache(ttl_seconds=settings.token_cache_seconds),
+            token_cache=TokenCache(settings.token_cache_seconds),
         )
         try:
             # Rotated certificates or API key on disk: the client moves to them in place.

@@ -13,15 +13,15 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from api.browser_auth import cookie_user
 from api.errors import NotAuthenticated
-from api.tokens_cache import AuthUser
-from db import reads
+from api.principal import AuthUser
+from db import accounts
 
 HEADER = "uws-authorization"
 _HEADER_BYTES = HEADER.encode()
 
 
 async def lookup_token(key: str) -> AuthUser | None:
-    found = await reads.token_user(key)
+    found = await accounts.token_user(key)
     return AuthUser(id=found[0], username=found[1]) if found else None
 
 

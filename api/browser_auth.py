@@ -19,8 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from api.errors import PermissionDenied
-from api.tokens_cache import AuthUser
-from db import browser_sessions
+from api.principal import AuthUser
+from db import accounts
 
 COOKIE = "uws_browser"
 CSRF_HEADER = "x-uws-csrf"
@@ -72,7 +72,7 @@ async def cookie_user(scope: dict[str, Any], secret_key: bytes) -> AuthUser | No
     key = cookie_value(headers)
     if key is None:
         return None
-    found = await browser_sessions.session_user(key)
+    found = await accounts.browser_session_user(key)
     if found is None:
         return None
     if scope["type"] == "websocket":

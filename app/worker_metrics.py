@@ -13,14 +13,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
-from db import reads
+from db import jobs as job_rows
 
 log = logging.getLogger("uws.worker")
 
 # Metrics ports listen on every interface: Prometheus scrapes from another host/container.
 METRICS_HOST = "0.0.0.0"
 JOB_COUNTS_SECONDS = 15.0
-JOB_COUNTS_SQL = "SELECT status, resource_name, count(*) FROM uws_job GROUP BY 1, 2"
 
 
 def telemetry_runtime(port: int, host: str = METRICS_HOST) -> Runtime:
@@ -40,8 +39,7 @@ class JobCounts(Collector):
         self._rows: list[tuple[str, str, int]] = []
 
     async def refresh(self) -> None:
-        rows = await reads.fetch(JOB_COUNTS_SQL)
-        self._rows = [(row["status"], row["resource_name"], row["count"]) for row in rows]
+        self._rows = await job_rows.counts()
 
     async def refresh_forever(self, interval: float = JOB_COUNTS_SECONDS) -> None:
         while True:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.devstack import (
+from app.devstack import (
     embedded_database_url,
     start_temporal_dev_server,
     stop_process,
@@ -387,7 +387,7 @@ def _run(args: argparse.Namespace, wrk: str, tmp: Path, logs: Path,
                UWS_DATA_DIR=str(tmp / "data"), UWS_TASK_QUEUE=f"uws-bench-{secrets.token_hex(4)}",
                UWS_HOST=HOST, UWS_PORT=str(api_port),
                UWS_BENCH_CONSTANT_FILE=str(tmp / "constant.json"))
-    worker = start_child([sys.executable, "-m", "core.cli", "worker"], env, logs / "worker.log")
+    worker = start_child([sys.executable, "-m", "app.cli", "worker"], env, logs / "worker.log")
     stack.callback(stop_process, worker)
 
     # First start with a placeholder constant: the API must run to create the workspace.

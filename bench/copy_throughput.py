@@ -39,8 +39,7 @@ if str(REPO) not in sys.path:
 
 from bench.report import emit  # noqa: E402
 from controllers.base import CopyProgress, ExternalAccount  # noqa: E402
-from controllers.storage import local_fs  # noqa: E402
-from controllers.storage.local_fs import LocalFileSystemStorage  # noqa: E402
+from controllers.storage.local_fs import LocalFileSystemStorage, copy_engine  # noqa: E402
 
 MIN_FREE_BYTES = 4 << 30  # the source plus one copy at a time, with room to spare
 DIRS = 100
@@ -191,7 +190,7 @@ def summarise(runs: list[Run]) -> None:
         emit("copy_throughput", f"{method} copy files", fps, "files/s")
     print(
         f"ratio ours/cp (throughput): {means['ours'] / means['cp -a']:.2f}"
-        f" (ours: {local_fs.COPY_THREADS} copy threads)"
+        f" (ours: {copy_engine.COPY_THREADS} copy threads)"
     )
     emit("copy_throughput", "ours/cp MB/s", means["ours"] / means["cp -a"], "ratio")
 
@@ -204,7 +203,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
-        "--threads", type=int, default=local_fs.COPY_THREADS, help="files copied at once"
+        "--threads", type=int, default=copy_engine.COPY_THREADS, help="files copied at once"
     )
     return parser.parse_args()
 
@@ -219,7 +218,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    local_fs.COPY_THREADS = args.threads
+    copy_engine.COPY_THREADS = args.threads
     tmp = Path(tempfile.mkdtemp(prefix="uws-copy-bench-", dir=args.dir))
     try:
         summarise(measure(args, tmp))

@@ -54,6 +54,7 @@ import tomli_w  # noqa: E402
 from websockets.asyncio.client import ClientConnection  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
+from app.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 from bench.api_throughput import (  # noqa: E402
     HOST,
     ApiServer,
@@ -70,7 +71,6 @@ from bench.api_throughput import (  # noqa: E402
 from bench.report import emit, percentile  # noqa: E402
 from controllers.resources.local.procfs import is_alive  # noqa: E402
 from controllers.resources.local.resource import ENDED, STARTED  # noqa: E402
-from core.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 
 try:
     import psutil
@@ -144,7 +144,7 @@ def start_stack(tmp: Path, logs: Path, stack: contextlib.ExitStack) -> Stack:
            "UWS_TASK_QUEUE": f"uws-bench-{secrets.token_hex(4)}",
            "UWS_HOST": HOST, "UWS_PORT": str(api_port),
            "UWS_BENCH_CONSTANT_FILE": str(tmp / "constant.json")}
-    worker = start_child([sys.executable, "-m", "core.cli", "worker"], env, logs / "worker.log")
+    worker = start_child([sys.executable, "-m", "app.cli", "worker"], env, logs / "worker.log")
     stack.callback(stop_process, worker)
     api = ApiServer(env, api_port, logs / "serve_api.log")
     stack.callback(api.stop)

@@ -57,6 +57,8 @@ import tomli_w  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
+from app import slurm_dev  # noqa: E402
+from app.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 from bench.api_throughput import (  # noqa: E402
     HOST,
     ApiServer,
@@ -71,8 +73,6 @@ from bench.api_throughput import (  # noqa: E402
 )
 from bench.jobs_latency import kill_leftover_jobs, traversable_data_dir  # noqa: E402
 from bench.report import emit, percentile  # noqa: E402
-from core import slurm_dev  # noqa: E402
-from core.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 
 BENCH = "launch_failure"
 ACCOUNT_COMMENT = "uws-bench"
@@ -196,7 +196,7 @@ def start_stack(case: Case, tmp: Path, logs: Path, stack: contextlib.ExitStack) 
            "UWS_TASK_QUEUE": f"uws-bench-{secrets.token_hex(4)}",
            "UWS_HOST": HOST, "UWS_PORT": str(api_port),
            "UWS_BENCH_CONSTANT_FILE": str(tmp / "constant.json")}
-    worker = start_child([sys.executable, "-m", "core.cli", "worker"], env,
+    worker = start_child([sys.executable, "-m", "app.cli", "worker"], env,
                          logs / "worker.log")
     stack.callback(stop_process, worker)
     api = ApiServer(env, api_port, logs / "serve_api.log")

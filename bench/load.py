@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
+from app.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 from bench.api_throughput import (  # noqa: E402
     HOST,
     ApiServer,
@@ -58,7 +59,6 @@ from bench.jobs_latency import (  # noqa: E402
     write_config,
 )
 from bench.report import emit, percentile  # noqa: E402
-from core.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 
 TERMINAL = ("complete", "failed")
 MAX_WORKSPACES = 3  # per user; past it an idle one is deleted
@@ -323,7 +323,7 @@ def run(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> int
                "UWS_TASK_QUEUE": f"uws-load-{secrets.token_hex(4)}",
                "UWS_HOST": HOST, "UWS_PORT": str(port),
                "UWS_BENCH_CONSTANT_FILE": str(tmp / "constant.json")}
-        worker = start_child([sys.executable, "-m", "core.cli", "worker"], env,
+        worker = start_child([sys.executable, "-m", "app.cli", "worker"], env,
                              logs / "worker.log")
         stack.callback(stop_process, worker)
         api = ApiServer(env, port, logs / "serve_api.log")

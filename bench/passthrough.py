@@ -2,7 +2,7 @@
 
 Starts two processes: an upstream (``GET /passthrough/h/1/small``: 100 bytes,
 ``GET /passthrough/h/1/big``: 100 MB streamed, a WebSocket echo at ``/passthrough/h/1/ws``)
-and a relay (:class:`api.passthrough_relay.PassthroughRelay` with that upstream fixed: the
+and a relay (:class:`api.passthrough.PassthroughRelay` with that upstream fixed: the
 real app's access checks are not part of this measurement). Then measures, direct and
 through the relay: requests/s of the small response (``wrk``), MB/s of the big download
 (an httpx streaming client, 3 runs alternated, best), and WebSocket echo round trips (2000
@@ -95,7 +95,7 @@ async def upstream_app(scope: dict[str, Any], receive: Callable[..., Any],
 
 
 def relay_app(upstream_port: int) -> ASGIApp:
-    from api.passthrough_relay import PassthroughRelay, Upstream
+    from api.passthrough import PassthroughRelay, Upstream
 
     relay = PassthroughRelay()
     upstream = Upstream(HOST, upstream_port)
@@ -256,7 +256,7 @@ def wrk_helpers() -> ModuleType:
 
 @contextlib.contextmanager
 def child(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    from core.devstack import stop_process, wait_for_port
+    from app.devstack import stop_process, wait_for_port
 
     with log.open("ab") as out:
         # Own session: Ctrl-C reaches only us, and we stop the child ourselves.
@@ -284,7 +284,7 @@ def jupyter_status(port: int, token: str) -> tuple[int, bytes]:
 def jupyter_lab(port: int, token: str, tmp: Path, log: Path) -> Iterator[bytes]:
     """A JupyterLab serving under ``BASE`` on ``port``, flags as the real session job starts
     it (controllers/job_types/jupyter_lab.py); yields its /api/status body once it answers."""
-    from core.devstack import stop_process
+    from app.devstack import stop_process
 
     state = tmp / "jupyter"
     root = state / "root"

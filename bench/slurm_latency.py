@@ -41,6 +41,8 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 import tomli_w  # noqa: E402
 
+from app import slurm_dev  # noqa: E402
+from app.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 from bench.api_throughput import (  # noqa: E402
     HOST,
     ApiServer,
@@ -55,8 +57,6 @@ from bench.api_throughput import (  # noqa: E402
     start_child,
 )
 from bench.report import emit, percentile  # noqa: E402
-from core import slurm_dev  # noqa: E402
-from core.devstack import start_temporal_dev_server, stop_process  # noqa: E402
 
 BENCH = "slurm_latency"
 POLL_S = 0.05
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> int
                "UWS_TASK_QUEUE": f"uws-bench-{secrets.token_hex(4)}",
                "UWS_HOST": HOST, "UWS_PORT": str(api_port),
                "UWS_BENCH_CONSTANT_FILE": str(tmp / "constant.json")}
-        worker = start_child([sys.executable, "-m", "core.cli", "worker"], env,
+        worker = start_child([sys.executable, "-m", "app.cli", "worker"], env,
                              logs / "worker.log")
         stack.callback(stop_process, worker)
         api = ApiServer(env, api_port, logs / "serve_api.log")

@@ -39,6 +39,8 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 import tomli_w  # noqa: E402
 
+from app import slurm_dev  # noqa: E402
+from app.devstack import start_temporal_dev_server, stop_process, wait_for_port  # noqa: E402
 from bench.api_throughput import (  # noqa: E402
     HOST,
     _prepare_database,
@@ -52,8 +54,6 @@ from bench.api_throughput import (  # noqa: E402
     start_child,
 )
 from bench.report import emit, percentile  # noqa: E402
-from core import slurm_dev  # noqa: E402
-from core.devstack import start_temporal_dev_server, stop_process, wait_for_port  # noqa: E402
 
 BENCH = "slurm_session"
 POLL_S = 0.05
@@ -145,10 +145,10 @@ def start_side(label: str, config: Path, url: str, temporal: str, tmp: Path, log
            "UWS_DATA_DIR": str(data_dir), "UWS_CONFIG": str(config),
            "UWS_TASK_QUEUE": f"uws-bench-{label}-{secrets.token_hex(4)}",
            "UWS_HOST": HOST, "UWS_PORT": str(port)}
-    worker = start_child([sys.executable, "-m", "core.cli", "worker"], env,
+    worker = start_child([sys.executable, "-m", "app.cli", "worker"], env,
                          logs / f"worker-{label}.log")
     stack.callback(stop_process, worker)
-    api = start_child([sys.executable, "-m", "core.cli", "api"], env, logs / f"api-{label}.log")
+    api = start_child([sys.executable, "-m", "app.cli", "api"], env, logs / f"api-{label}.log")
     stack.callback(stop_process, api)
     wait_for_port(HOST, port, timeout=60, proc=api, what=f"uws api ({label})")
     username = f"uwsbench{secrets.token_hex(4)}"

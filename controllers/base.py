@@ -21,6 +21,11 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from controllers.errors import InvalidRequest
+from core.status import ResourceStatus
+from core.values import ExternalAccount, UserInfo, WorkspaceScan
+
+# The value types above live in core (every layer passes them); plugins import them here.
+__all__ = ["ExternalAccount", "UserInfo", "WorkspaceScan"]
 
 
 class PluginSettings(BaseModel):
@@ -62,29 +67,6 @@ class Plugin(ABC):
 
 
 # --- authentication -------------------------------------------------------------------
-
-
-class UserInfo(BaseModel):
-    """Who a successful authentication says the user is."""
-
-    username: str
-    email: str
-    first_name: str = ""
-    last_name: str = ""
-    # Who the identity provider says this is, for methods backed by one: the account is
-    # bound to (issuer, subject), never to the username, which a provider may let its users
-    # choose or reassign. ``None`` where a trusted client vouches for the username.
-    issuer: str | None = None
-    subject: str | None = None
-
-
-class ExternalAccount(BaseModel):
-    """The account that owns a user's files and runs their jobs (an OS account here)."""
-
-    username: str
-    uid: int | None = None
-    gid: int | None = None
-    home: str | None = None
 
 
 ApiClientCheck = Callable[[str], Awaitable[bool]]
@@ -149,14 +131,6 @@ class FileSpec(BaseModel):
 class SymlinkSpec(BaseModel):
     name: str
     source_path: str
-
-
-class WorkspaceScan(BaseModel):
-    """What is really on disk: dot-files excluded, names relative with a leading ``/``."""
-
-    disk_space: int
-    files: list[str] = Field(default_factory=list)
-    symlinks: list[str] = Field(default_factory=list)
 
 
 class CopyProgress(BaseModel):
@@ -274,7 +248,7 @@ class JobState(BaseModel):
     must never read it as ended.
     """
 
-    status: str  # "pending" | "running" | "complete" | "failed" | "unknown"
+    status: ResourceStatus
     detail: str = ""
     exit_code: int | None = None
     core_hours: float | None = None
@@ -358,6 +332,22 @@ class ComputeResource(Plugin):
         """Create what the session's endpoint needs (its directory, its secret) before
         launch; idempotent until the job is launched."""
         return self.session_endpoint(job_id, account)
+
+    def whole_option(self, options: Mapping[str, Any], canonical: str,
+                     default: int | None) -> int | None:
+        """A job's option that must be a whole number of at least 1 (CPUs, minutes), under
+        the name ``parameter_mapping`` gives ``canonical``; ``default`` when not given."""
+        key = self.parameter_mapping.get(canonical, canonical)
+        value = options.get(key)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"{key} must be a whole number, not {value!r}.") from None
+        if number < 1:
+            raise InvalidRequest(f"{key} must be at least 1.")
+        return number
 
     def resource_job_id(self, handle: Mapping[str, Any]) -> int:
         """The number clients see as ``resource_job_id``."""

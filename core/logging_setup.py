@@ -13,7 +13,7 @@ TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 # Ids a log call may attach with ``extra={...}``; they become top-level JSON keys so log
 # searches can filter on them.
 CONTEXT_KEYS = ("job_id", "workspace_id", "user_id")
-# What an access log line (core.access_log) carries, as keys of its own.
+# What an access log line (api.http.access_log) carries, as keys of its own.
 ACCESS_KEYS = ("method", "path", "status", "duration_ms")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from core.devstack import prepare_data_dir, private_token
+from core.data_dir import prepare_data_dir, private_token
 from core.settings import Settings
 
 

@@ -120,7 +120,7 @@ class Settings(BaseSettings):
         1024**2, description="Largest `job_details` of a job start, as JSON bytes (the job row "
                              "and every job listing carry it)."
     )
-    # HTTP/1.1 limits enforced by core.http_guard, below the ASGI app.
+    # HTTP/1.1 limits enforced by api.http.guard, below the ASGI app.
     max_header_bytes: int = Field(
         64 * 1024, description="Largest request line plus headers of one request (431 past it)."
     )

@@ -1,4 +1,5 @@
-"""Users, groups, tokens and external accounts.
+"""Users and what stands for them: groups, API keys, external accounts, the web page's
+login tickets and sessions, and the session links' spent tickets.
 
 A sign-in method backed by an identity provider names the identity by (issuer, subject);
 the user it belongs to is found by that pair, kept under ``"identity"`` in the
@@ -10,13 +11,14 @@ username alone would hand them somebody else's account.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
+from datetime import timedelta
 from typing import Any
 
-from controllers.base import AuthMethod, ExternalAccount, UserInfo
-from db.queries import as_json
-from db.tables import ExternalUserMapping, GroupMembership, PersonalOwner, Token, User
+from core.values import AccountSource, ExternalAccount, UserInfo
+from db import sql
 
 API_CLIENTS_GROUP = "api_clients"
 IDENTITY = "identity"
@@ -42,56 +44,57 @@ def new_key() -> str:
 
 
 async def is_api_client(key: str) -> bool:
-    row = await Token.select(Token.user.id).where(
-        (Token.key == key) & Token.user.is_active.eq(True)
-    ).first()
-    if row is None:
-        return False
-    return await GroupMembership.exists().where(
-        (GroupMembership.user == row["user.id"])
-        & (GroupMembership.group_name == API_CLIENTS_GROUP)
-    )
+    return bool(await sql.fetchval(
+        'SELECT EXISTS (SELECT 1 FROM uws_token t JOIN uws_user u ON u.id = t."user" '
+        'JOIN uws_group_membership g ON g."user" = u.id '
+        "WHERE t.key = $1 AND u.is_active AND g.group_name = $2)", key, API_CLIENTS_GROUP))
+
+
+async def token_user(key: str) -> tuple[int, str] | None:
+    """(id, username) of the active user whose API key this is (every request asks)."""
+    row = await sql.fetchrow(
+        'SELECT u.id, u.username FROM uws_token t JOIN uws_user u ON u.id = t."user" '
+        "WHERE t.key = $1 AND u.is_active", key)
+    return (row["id"], row["username"]) if row else None
 
 
 async def upsert_user(info: UserInfo) -> int:
     """The user with this username, created on first sight; details kept current."""
-    rows = await User.raw(
+    user_id = await sql.fetch_int(
         "INSERT INTO uws_user (username, email, first_name, last_name, is_active, date_joined) "
-        "VALUES ({}, {}, {}, {}, true, now()) "
+        "VALUES ($1, $2, $3, $4, true, now()) "
         "ON CONFLICT (username) DO UPDATE SET email = EXCLUDED.email, "
         "first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name "
         "RETURNING id",
         info.username, info.email, info.first_name, info.last_name,
     )
-    return rows[0]["id"]
+    assert user_id is not None
+    return user_id
 
 
 async def token_for(user_id: int) -> str:
     """The user's key, created once: the same user always gets the same key."""
-    await Token.raw(
-        'INSERT INTO uws_token (key, "user", created) VALUES ({}, {}, now()) '
-        'ON CONFLICT ("user") DO NOTHING',
-        new_key(), user_id,
-    )
-    row = await Token.select(Token.key).where(Token.user == user_id).first()
-    assert row is not None
-    return row["key"]
+    await sql.execute(
+        'INSERT INTO uws_token (key, "user", created) VALUES ($1, $2, now()) '
+        'ON CONFLICT ("user") DO NOTHING', new_key(), user_id)
+    key = await sql.fetch_str('SELECT key FROM uws_token WHERE "user" = $1', user_id)
+    assert key is not None
+    return key
 
 
 async def add_to_group(user_id: int, group: str) -> None:
-    exists = await GroupMembership.exists().where(
-        (GroupMembership.user == user_id) & (GroupMembership.group_name == group)
-    )
-    if not exists:
-        await GroupMembership.insert(GroupMembership(user=user_id, group_name=group))
+    await sql.execute(
+        'INSERT INTO uws_group_membership ("user", group_name) SELECT $1::bigint, $2::varchar '
+        'WHERE NOT EXISTS (SELECT 1 FROM uws_group_membership WHERE "user" = $1 '
+        "AND group_name = $2::varchar)", user_id, group)
 
 
 async def save_external_account(user_id: int, auth_name: str, account: ExternalAccount,
                                 conn: Any = None) -> None:
     """Record the user's account under ``auth_name``, keeping the identity bound to it."""
     if conn is None:
-        async with ExternalUserMapping._meta.db.transaction() as tx:
-            await _save_mapping(tx.connection, user_id, auth_name, account, None)
+        async with sql.transaction() as tx:
+            await _save_mapping(tx, user_id, auth_name, account, None)
     else:
         await _save_mapping(conn, user_id, auth_name, account, None)
 
@@ -148,15 +151,14 @@ async def _holder_of(conn: Any, username: str, auth_name: str) -> int | None:
     # out by the upgrade. Anything else (a portal's user, another identity's) is not.
     if row["bound"] or not row["mapped_here"]:
         raise UsernameUnavailable(username, reserved=False)
-    return row["id"]
+    return int(row["id"])
 
 
 async def claim_identity(info: UserInfo, auth_name: str) -> UserInfo:
     """Check a sign-in before its account is made: ``info`` with the username of the user
     its identity is bound to, else with its own username when that may be taken. Raises
     ``UsernameUnavailable`` (an api client's name; another account's)."""
-    async with User._meta.db.transaction() as tx:
-        conn = tx.connection
+    async with sql.transaction() as conn:
         if info.issuer is None or info.subject is None:
             # A trusted client vouches for the username; an api client's is never handed out.
             row = await conn.fetchrow(_HOLDER, info.username, auth_name, API_CLIENTS_GROUP)
@@ -181,28 +183,29 @@ async def sign_in_user(info: UserInfo, auth_name: str, account: ExternalAccount)
     """The user ``info`` (from ``claim_identity``) signs in as, created or bound now, with
     ``account`` recorded as theirs under ``auth_name``."""
     if info.issuer is None or info.subject is None:
-        user_id = await upsert_user(info)
-        await save_external_account(user_id, auth_name, account)
-        return user_id
+        vouched = await upsert_user(info)
+        await save_external_account(vouched, auth_name, account)
+        return vouched
     identity = (info.issuer, info.subject)
-    async with User._meta.db.transaction() as tx:
-        conn = tx.connection
+    async with sql.transaction() as conn:
         bound = await conn.fetchrow(_BOUND, *identity)
         if bound is None:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _SIGN_IN_LOCK)
             bound = await conn.fetchrow(_BOUND, *identity)  # a concurrent first sign-in
+        user_id: int | None
         if bound is not None:
-            user_id = bound["id"]
+            user_id = int(bound["id"])
         else:
             user_id = await _holder_of(conn, info.username, auth_name)
             if user_id is None:
                 # ON CONFLICT: a portal's user of that name created since (not under our lock).
-                user_id = await conn.fetchval(
+                created = await conn.fetchval(
                     "INSERT INTO uws_user (username, email, first_name, last_name, "
                     "is_active, date_joined) VALUES ($1, '', '', '', true, now()) "
                     "ON CONFLICT (username) DO NOTHING RETURNING id", info.username)
-                if user_id is None:
+                if created is None:
                     raise UsernameUnavailable(info.username, reserved=False)
+                user_id = int(created)
         await conn.execute(
             "UPDATE uws_user SET email = $2, first_name = $3, last_name = $4 WHERE id = $1",
             user_id, info.email, info.first_name, info.last_name)
@@ -211,32 +214,31 @@ async def sign_in_user(info: UserInfo, auth_name: str, account: ExternalAccount)
 
 
 async def external_account(user_id: int, auth_name: str) -> ExternalAccount | None:
-    row = await ExternalUserMapping.select(ExternalUserMapping.external_user_details).where(
-        (ExternalUserMapping.user == user_id)
-        & (ExternalUserMapping.user_authentication_name == auth_name)
-    ).first()
-    if row is None:
+    details = await sql.fetchval(
+        "SELECT external_user_details FROM uws_external_user_mapping "
+        'WHERE "user" = $1 AND user_authentication_name = $2 LIMIT 1', user_id, auth_name)
+    if details is None:
         return None
-    return ExternalAccount.model_validate(as_json(row["external_user_details"]))
+    return ExternalAccount.model_validate(sql.as_json(details))
 
 
 async def user_info(user_id: int) -> UserInfo | None:
-    row = await User.select(
-        User.username, User.email, User.first_name, User.last_name
-    ).where(User.id == user_id).first()
-    return UserInfo(**row) if row else None
+    row = await sql.fetchrow(
+        "SELECT username, email, first_name, last_name FROM uws_user WHERE id = $1", user_id)
+    return UserInfo(**dict(row)) if row else None
+
+
+async def user_id_named(username: str) -> int | None:
+    return await sql.fetch_int("SELECT id FROM uws_user WHERE username = $1", username)
 
 
 async def create_client(name: str) -> str:
     """An api_clients member named ``name`` and its key (``uws create-client-token``)."""
-    await User.raw(
+    await sql.execute(
         "INSERT INTO uws_user (username, email, first_name, last_name, is_active, date_joined) "
-        "VALUES ({}, '', '', '', true, now()) ON CONFLICT (username) DO NOTHING",
-        name,
-    )
-    row = await User.select(User.id).where(User.username == name).first()
-    assert row is not None
-    user_id = row["id"]
+        "VALUES ($1, '', '', '', true, now()) ON CONFLICT (username) DO NOTHING", name)
+    user_id = await user_id_named(name)
+    assert user_id is not None
     await add_to_group(user_id, API_CLIENTS_GROUP)
     return await token_for(user_id)
 
@@ -244,20 +246,36 @@ async def create_client(name: str) -> str:
 async def claim_personal_owner(username: str) -> str:
     """The personal server's owner: ``username`` if nobody signed in before (one atomic
     insert, so two first sign-ins cannot both win), else whoever did."""
-    await PersonalOwner.raw(
-        "INSERT INTO uws_personal_owner (id, username) VALUES (1, {}) "
-        "ON CONFLICT (id) DO NOTHING", username,
-    )
-    row = await PersonalOwner.select(PersonalOwner.username).where(PersonalOwner.id == 1).first()
-    assert row is not None
-    return row["username"]
+    await sql.execute(
+        "INSERT INTO uws_personal_owner (id, username) VALUES (1, $1) "
+        "ON CONFLICT (id) DO NOTHING", username)
+    owner = await sql.fetch_str("SELECT username FROM uws_personal_owner WHERE id = 1")
+    assert owner is not None
+    return owner
+
+
+async def search(exclude_user_id: int, text: str, limit: int = 500) -> list[dict[str, Any]]:
+    """Active users (never ``exclude_user_id`` nor ``admin``) whose first and last name, or
+    e-mail, contain ``text`` in any case; all of them for an empty ``text``."""
+    clauses = ["id <> $1", "username <> 'admin'", "is_active"]
+    args: list[Any] = [exclude_user_id]
+    if text:
+        escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        args.append(f"%{escaped}%")
+        clauses.append(f"((first_name || ' ' || last_name) ILIKE ${len(args)} "
+                       f"OR email ILIKE ${len(args)})")
+    args.append(limit)
+    rows = await sql.fetch(
+        "SELECT id, first_name, last_name, username, email FROM uws_user "
+        f"WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ${len(args)}", *args)
+    return [dict(row) for row in rows]
 
 
 class UnknownUser(LookupError):
     pass
 
 
-async def account_of(user_id: int, auth: AuthMethod) -> ExternalAccount:
+async def account_of(user_id: int, auth: AccountSource) -> ExternalAccount:
     """The user's account under ``auth``: the recorded mapping, else found (or created)
     by the auth method now and recorded."""
     account = await external_account(user_id, auth.name)
@@ -268,3 +286,71 @@ async def account_of(user_id: int, auth: AuthMethod) -> ExternalAccount:
         account = await auth.ensure_external_account(info)
         await save_external_account(user_id, auth.name, account)
     return account
+
+
+# --- the web page's credentials ----------------------------------------------------------
+# A key is random (32 bytes, URL-safe) and shown once; the table holds its SHA-256. Spending
+# a ticket deletes its row in the statement that reads it, so two requests with one ticket
+# cannot both sign in. Expired rows are removed whenever a new credential is made.
+
+LOGIN_TICKET = "ticket"
+BROWSER_SESSION = "session"
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def _issue(kind: str, user_id: int, ttl: timedelta) -> str:
+    await sql.execute("DELETE FROM uws_browser_credential WHERE expires < now()")
+    key = secrets.token_urlsafe(32)
+    await sql.execute(
+        'INSERT INTO uws_browser_credential (kind, key_hash, "user", expires) '
+        "VALUES ($1, $2, $3, now() + $4::interval)", kind, _hash(key), user_id, ttl)
+    return key
+
+
+async def issue_login_ticket(user_id: int, ttl: timedelta) -> str:
+    return await _issue(LOGIN_TICKET, user_id, ttl)
+
+
+async def issue_browser_session(user_id: int, ttl: timedelta) -> str:
+    return await _issue(BROWSER_SESSION, user_id, ttl)
+
+
+async def spend_login_ticket(key: str) -> int | None:
+    """The user a valid ticket names, once; ``None`` for an unknown, spent or expired one."""
+    if not key or len(key) > 128:
+        return None
+    return await sql.fetch_int(
+        "DELETE FROM uws_browser_credential WHERE key_hash = $1 AND kind = $2 "
+        'AND expires > now() RETURNING "user"', _hash(key), LOGIN_TICKET)
+
+
+async def browser_session_user(key: str) -> tuple[int, str] | None:
+    """(id, username) of an active user's live session."""
+    if not key or len(key) > 128:
+        return None
+    row = await sql.fetchrow(
+        "SELECT u.id, u.username FROM uws_browser_credential c "
+        'JOIN uws_user u ON u.id = c."user" '
+        "WHERE c.key_hash = $1 AND c.kind = $2 AND c.expires > now() AND u.is_active",
+        _hash(key), BROWSER_SESSION)
+    return (row["id"], row["username"]) if row else None
+
+
+async def end_browser_session(key: str) -> None:
+    await sql.execute("DELETE FROM uws_browser_credential WHERE key_hash = $1 AND kind = $2",
+                      _hash(key), BROWSER_SESSION)
+
+
+# --- session links ---------------------------------------------------------------------
+
+
+async def spend_link_ticket(nonce: str, ttl_seconds: float) -> bool:
+    """Record a session link's ticket as used; ``False`` if it was used before (a ticket
+    works once)."""
+    spent = await sql.fetchval(
+        "INSERT INTO uws_spent_ticket (nonce, expires) VALUES ($1, now() + $2::interval) "
+        "ON CONFLICT (nonce) DO NOTHING RETURNING id", nonce, timedelta(seconds=ttl_seconds))
+    return spent is not None

@@ -1,23 +1,23 @@
-"""A few pooled connections kept checked out for single-statement hot-path reads.
+"""A few pooled connections kept checked out for single statements (db.sql).
 
 asyncpg's pool spends about as long on an acquire/release pair (it starts a task per
 release) as a simple query takes on the wire; measured here, that was a quarter of an
-authenticated ``GET /workspaces/{id}/``. One-statement reads need no session of their own,
+authenticated ``GET /workspaces/{id}/``. Single statements need no session of their own,
 so they share a handful of connections handed out in turn. A connection whose statement
 fails or is cancelled goes back to the pool, which knows how to clean it up or drop it; the
-next read opens a fresh one.
+next statement opens a fresh one.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
 
-class ReadConnections:
+class LeasedConnections:
     def __init__(self, pool: asyncpg.Pool, size: int = 8) -> None:
         self._pool = pool
         self._size = size
@@ -38,7 +38,7 @@ class ReadConnections:
             self._discard(conn)
             raise
         self._checkin(conn)
-        return rows
+        return cast(list[asyncpg.Record], rows)
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         rows = await self.fetch(sql, *args)
@@ -115,6 +115,6 @@ def _gone(conn: asyncpg.Connection) -> bool:
     """Whether a leased connection was lost (the server closed it); once asyncpg has
     cleaned it up, its proxy is detached and even asking raises."""
     try:
-        return conn.is_closed()
+        return bool(conn.is_closed())
     except asyncpg.InterfaceError:
         return True

@@ -18,7 +18,7 @@ import asyncpg
 from piccolo.engine.postgres import PostgresEngine
 
 from core.settings import SettingsError
-from db import reads
+from db import sql
 from db.tables import ALL_TABLES
 
 DSN = "UWS_DATABASE_URL"
@@ -104,7 +104,7 @@ async def open_engine(dsn: str, *, min_size: int = 2, max_size: int = 20) -> Pos
     await _explained(dsn, lambda: engine.start_connection_pool(
         min_size=min_size, max_size=max_size, reset=_keep_session))
     bind_engine(engine)
-    reads.attach(engine.pool)
+    sql.attach(engine.pool)
     _open.append(engine)
     return engine
 
@@ -114,7 +114,7 @@ async def close_engine(engine: PostgresEngine) -> None:
         _open.remove(engine)
     if _open:
         bind_engine(_open[-1])
-    await reads.detach(engine.pool)
+    await sql.detach(engine.pool)
     await engine.close_connection_pool()
 
 

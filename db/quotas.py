@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from db import reads
-from db.tables import UserQuota, Workspace
+from core.status import WorkspaceStatus
+from db import sql
 
 # A streaming write's claim not grown for this long belongs to a request that died: it is
 # no longer counted (a live upload re-confirms its claim well before, see ``cover``).
@@ -38,7 +38,7 @@ def stored_disk_sql(user: str) -> str:
         "((SELECT COALESCE(SUM(w.disk_space), 0) FROM uws_workspace w "
         f'WHERE w."user" = {user} AND NOT EXISTS (SELECT 1 FROM uws_shared_workspace_mapping m '
         "WHERE m.shared_workspace = w.id AND NOT m.is_accepted)) + "
-        "(SELECT COALESCE(SUM(CASE WHEN c.status = 'initializing' "
+        f"(SELECT COALESCE(SUM(CASE WHEN c.status = '{WorkspaceStatus.initializing}' "
         "THEN GREATEST(c.disk_space, o.disk_space) ELSE c.disk_space END), 0) "
         "FROM uws_workspace o JOIN uws_shared_workspace_mapping m "
         "ON m.original_workspace = o.id AND NOT m.is_accepted "
@@ -100,26 +100,25 @@ class WorkspaceDeleting(Exception):
 
 
 async def _usage(conn: Any, user_id: int, exclude_claim: int = 0) -> tuple[int, int]:
-    """(scanned, claimed) bytes; ``conn`` is a connection or ``db.reads`` (no lock)."""
+    """(scanned, claimed) bytes; ``conn`` is a connection or ``db.sql`` (no lock)."""
     row = await conn.fetchrow(_USAGE, user_id, exclude_claim)
     return int(row["stored"]), int(row["claimed"])
 
 
 async def disk_usage(user_id: int) -> int:
     """Bytes charged to the user: scanned, plus what writes in progress have claimed."""
-    stored, claimed = await _usage(reads, user_id)
+    stored, claimed = await _usage(sql, user_id)
     return stored + claimed
 
 
 async def core_hours_used(user_id: int) -> float:
-    rows = await Workspace.raw(
-        'SELECT COALESCE(SUM(core_hours), 0) AS used FROM uws_job WHERE "user" = {}', user_id)
-    return float(rows[0]["used"])
+    return float(await sql.fetchval(
+        'SELECT COALESCE(SUM(core_hours), 0) FROM uws_job WHERE "user" = $1', user_id))
 
 
 async def view(user_id: int) -> QuotaView:
-    row = await UserQuota.select().where(UserQuota.user == user_id).first()
-    stored, claimed = await _usage(reads, user_id)
+    row = await _quota_row(user_id)
+    stored, claimed = await _usage(sql, user_id)
     if row is None:
         return QuotaView(None, stored, None, await core_hours_used(user_id), 0.0, claimed)
     return QuotaView(row["max_disk_space"], stored, row["max_core_hours"],
@@ -128,13 +127,19 @@ async def view(user_id: int) -> QuotaView:
 
 async def set_quota(user_id: int, *, max_disk_space: int | None = None,
                     max_core_hours: float | None = None) -> None:
-    await UserQuota.raw(
+    await sql.execute(
         'INSERT INTO uws_user_quota ("user", max_disk_space, max_core_hours, used_disk_space, '
-        "used_core_hours, reserved_core_hours) VALUES ({}, {}, {}, 0, 0, 0) "
+        "used_core_hours, reserved_core_hours) VALUES ($1, $2, $3, 0, 0, 0) "
         'ON CONFLICT ("user") DO UPDATE SET max_disk_space = EXCLUDED.max_disk_space, '
         "max_core_hours = EXCLUDED.max_core_hours",
         user_id, max_disk_space, max_core_hours,
     )
+
+
+async def _quota_row(user_id: int) -> Any | None:
+    return await sql.fetchrow(
+        "SELECT max_disk_space, max_core_hours, used_disk_space, used_core_hours, "
+        'reserved_core_hours FROM uws_user_quota WHERE "user" = $1', user_id)
 
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
@@ -158,10 +163,10 @@ def _disk_head(used: int, limit: int) -> str:
 
 async def check_disk(user_id: int) -> None:
     """Refuse (before a launch) a user whose workspaces already use more than allowed."""
-    row = await UserQuota.select(UserQuota.max_disk_space).where(UserQuota.user == user_id).first()
-    if row is None or row["max_disk_space"] is None:
+    limit = await disk_limit(sql, user_id)
+    if limit is None:
         return
-    used, limit = await disk_usage(user_id), row["max_disk_space"]
+    used = await disk_usage(user_id)
     if used > limit:
         raise QuotaExceeded(
             f"{_disk_head(used, limit)} (over by {human_size(used - limit)}). "
@@ -176,8 +181,9 @@ async def lock_user(conn: Any, user_id: int) -> None:
 
 
 async def disk_limit(conn: Any, user_id: int) -> int | None:
-    return await conn.fetchval(
+    limit = await conn.fetchval(
         'SELECT max_disk_space FROM uws_user_quota WHERE "user" = $1', user_id)
+    return None if limit is None else int(limit)
 
 
 async def check_disk_room(conn: Any, user_id: int, need: int, what: str) -> None:
@@ -227,7 +233,7 @@ async def _take(conn: Any, claim: DiskClaim, need: int, want: int, what: str,
     # KEY SHARE: the row cannot vanish under the claim's insert (its foreign key).
     status = await conn.fetchval(
         "SELECT status FROM uws_workspace WHERE id = $1 FOR KEY SHARE", claim.workspace_id)
-    if status in (None, "deleting"):
+    if status in (None, WorkspaceStatus.deleting):
         raise WorkspaceDeleting(claim.workspace_id)
     stored, claimed = await _usage(conn, claim.user_id, claim.id or 0)
     used = stored + claimed
@@ -253,8 +259,8 @@ async def claim_disk(user_id: int, workspace_id: int, need: int, what: str) -> D
     ``QuotaExceeded`` saying by how much they do not fit."""
     claim = DiskClaim(user_id, workspace_id)
     if need > 0:
-        async with Workspace._meta.db.transaction() as tx:
-            await _take(tx.connection, claim, need, need, what, exact=True)
+        async with sql.transaction() as conn:
+            await _take(conn, claim, need, need, what, exact=True)
     return claim
 
 
@@ -267,8 +273,8 @@ async def cover(claim: DiskClaim, total: int) -> None:
     if total <= claim.granted and time.monotonic() - claim.confirmed < _RECONFIRM_SECONDS:
         return
     step = min(max(_MIN_STEP, total // 8), _MAX_STEP)
-    async with Workspace._meta.db.transaction() as tx:
-        await _take(tx.connection, claim, total, total + step, "this upload needs", exact=False)
+    async with sql.transaction() as conn:
+        await _take(conn, claim, total, total + step, "this upload needs", exact=False)
 
 
 async def finish_claim(claim: DiskClaim, actual: int | None = None) -> None:
@@ -276,15 +282,15 @@ async def finish_claim(claim: DiskClaim, actual: int | None = None) -> None:
     that starts from now on has counted them (``settle_after_scan``)."""
     if claim.id is None:
         return
-    await Workspace.raw(
+    await sql.execute(
         "UPDATE uws_disk_reservation SET finished = clock_timestamp(), "
-        "bytes = COALESCE({}, bytes) WHERE id = {}", actual, claim.id)
+        "bytes = COALESCE($1, bytes) WHERE id = $2", actual, claim.id)
 
 
 async def drop_claim(claim: DiskClaim) -> None:
     """The write did not happen: give the bytes back at once."""
     if claim.id is not None:
-        await Workspace.raw("DELETE FROM uws_disk_reservation WHERE id = {}", claim.id)
+        await sql.execute("DELETE FROM uws_disk_reservation WHERE id = $1", claim.id)
         claim.id, claim.granted = None, 0
 
 
@@ -299,15 +305,15 @@ async def settle_after_scan(conn: Any, workspace_id: int, scan_started: Any) -> 
 
 async def reserve_core_hours(user_id: int, amount: float, why: str) -> None:
     """Reserve ``amount`` core-hours or raise ``QuotaExceeded`` saying by how much."""
-    reserved = await UserQuota.raw(
-        "UPDATE uws_user_quota SET reserved_core_hours = reserved_core_hours + {} "
-        'WHERE "user" = {} AND (max_core_hours IS NULL OR '
-        "used_core_hours + reserved_core_hours + {} <= max_core_hours) RETURNING id",
-        amount, user_id, amount,
+    reserved = await sql.fetchval(
+        "UPDATE uws_user_quota SET reserved_core_hours = reserved_core_hours + $1 "
+        'WHERE "user" = $2 AND (max_core_hours IS NULL OR '
+        "used_core_hours + reserved_core_hours + $1 <= max_core_hours) RETURNING id",
+        amount, user_id,
     )
-    if reserved:
+    if reserved is not None:
         return
-    row = await UserQuota.select().where(UserQuota.user == user_id).first()
+    row = await _quota_row(user_id)
     if row is None:
         return  # no quota for this user
     left = max(row["max_core_hours"] - row["used_core_hours"] - row["reserved_core_hours"], 0.0)
@@ -319,6 +325,24 @@ async def reserve_core_hours(user_id: int, amount: float, why: str) -> None:
 
 async def release_core_hours(user_id: int, amount: float) -> None:
     if amount > 0:
-        await UserQuota.raw(
+        await sql.execute(
             "UPDATE uws_user_quota SET reserved_core_hours = "
-            'GREATEST(reserved_core_hours - {}, 0) WHERE "user" = {}', amount, user_id)
+            'GREATEST(reserved_core_hours - $1, 0) WHERE "user" = $2', amount, user_id)
+
+
+# What each user's workspaces count for their quota (shares charged to sharers).
+_CHARGED_DISK = stored_disk_sql('q."user"')
+
+
+async def recompute_usage() -> int:
+    """Every user's usage recounted from their workspaces and jobs (the usage upkeep);
+    the number of users."""
+    updated = await sql.fetch(
+        "UPDATE uws_user_quota q SET "
+        f"used_disk_space = {_CHARGED_DISK}, "
+        "used_core_hours = COALESCE((SELECT SUM(j.core_hours) FROM uws_job j "
+        'WHERE j."user" = q."user" AND j.datetime_end IS NOT NULL), 0), '
+        "reserved_core_hours = COALESCE((SELECT SUM((j.job_details->'metrics'->>"
+        "'reserved_core_hours')::float8) FROM uws_job j "
+        'WHERE j."user" = q."user" AND j.datetime_end IS NULL), 0) RETURNING q.id')
+    return len(updated)

@@ -3,15 +3,15 @@ changes that race each other (create, accept, withdraw), each under a row lock."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from db import quotas, reads, workspaces
+from core.status import UNUSABLE_WORKSPACE_STATUSES, WorkspaceStatus
+from db import quotas, sql, workspaces
 from db.accounts import API_CLIENTS_GROUP
-from db.queries import as_json
-from db.tables import SharedWorkspaceMapping, Workspace
 
 _WS = ("{p}.id AS {p}_id, {p}.name AS {p}_name, {p}.description AS {p}_description, "
        "{p}.request_workspace_details AS {p}_request, {p}.current_workspace_details AS "
@@ -37,9 +37,9 @@ async def mappings(*, sender: int | None = None, recipient: int | None = None,
     clauses: list[str] = []
     args: list[Any] = []
 
-    def add(sql: str, value: Any) -> None:
+    def add(clause: str, value: Any) -> None:
         args.append(value)
-        clauses.append(sql.format(len(args)))
+        clauses.append(clause.format(len(args)))
 
     if sender is not None:
         add('o."user" = ${}', sender)
@@ -50,7 +50,7 @@ async def mappings(*, sender: int | None = None, recipient: int | None = None,
     if is_accepted is not None:
         add("m.is_accepted = ${}", is_accepted)
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-    return await reads.fetch(f"{_SELECT}{where} ORDER BY m.id", *args)
+    return await sql.fetch(f"{_SELECT}{where} ORDER BY m.id", *args)
 
 
 async def one(shared_workspace_id: int) -> Any | None:
@@ -59,7 +59,7 @@ async def one(shared_workspace_id: int) -> Any | None:
 
 
 async def newest_job(workspace_id: int) -> Any | None:
-    return await reads.fetchrow(
+    return await sql.fetchrow(
         "SELECT job_type, resource_options FROM uws_job WHERE workspace = $1 "
         "ORDER BY datetime_created DESC, id DESC LIMIT 1", workspace_id)
 
@@ -73,11 +73,11 @@ _PENDING_SQL = (
     "SELECT count(*) FROM uws_shared_workspace_mapping m "
     "JOIN uws_workspace o ON o.id = m.original_workspace "
     "JOIN uws_workspace c ON c.id = m.shared_workspace "
-    "WHERE o.\"user\" = $1 AND NOT m.is_accepted AND c.status <> 'deleting'")
+    f"WHERE o.\"user\" = $1 AND NOT m.is_accepted AND c.status <> '{WorkspaceStatus.deleting}'")
 
 
 async def pending_count(sender_id: int) -> int:
-    return int((await reads.fetchrow(_PENDING_SQL, sender_id))[0])
+    return int(await sql.fetchval(_PENDING_SQL, sender_id))
 
 
 @dataclass
@@ -91,13 +91,12 @@ async def create(sender_id: int, original_id: int, copies: list[NewCopy],
     """Insert a copy (``initializing``) and its mapping per recipient, all or none; the
     ids of the copies. Under the sender's row lock (their pending count and disk quota
     are decided there) and the original's (no deletion slips in); ``ShareRefused``."""
-    async with Workspace._meta.db.transaction() as tx:
-        conn = tx.connection
+    async with sql.transaction() as conn:
         await quotas.lock_user(conn, sender_id)
         original = await workspaces.lock(conn, original_id)
         if original is None or original["user"] != sender_id:
             raise ShareRefused(f"Workspace {original_id} is deleting and cannot be shared.")
-        if original["status"] in ("deleting", "initializing", "error"):
+        if original["status"] in UNUSABLE_WORKSPACE_STATUSES:
             raise ShareRefused(f"Workspace {original_id} is {original['status']} and cannot "
                                "be shared.")
         pending = int(await conn.fetchval(_PENDING_SQL, sender_id))
@@ -116,21 +115,22 @@ async def create(sender_id: int, original_id: int, copies: list[NewCopy],
             raise ShareRefused(str(exc)) from None
         created: list[int] = []
         for copy in copies:
-            copy_id = (await Workspace.insert(Workspace(
-                user=copy.recipient_id, name=original["name"],
-                description=original["description"], storage_name=original["storage_name"],
-                default_job_type=original["default_job_type"],
-                request_workspace_details=as_json(original["request_workspace_details"]),
-                current_workspace_details={"files": [], "symlinks": []},
-                status="initializing",
-            )).returning(Workspace.id))[0]["id"]
+            copy_id = await conn.fetchval(
+                'INSERT INTO uws_workspace ("user", name, description, storage_name, '
+                "default_job_type, request_workspace_details, current_workspace_details, "
+                "status) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8) RETURNING id",
+                copy.recipient_id, original["name"], original["description"],
+                original["storage_name"], original["default_job_type"],
+                json.dumps(sql.as_json(original["request_workspace_details"])),
+                json.dumps({"files": [], "symlinks": []}), WorkspaceStatus.initializing)
             await conn.execute("UPDATE uws_workspace SET file_path = $2 WHERE id = $1",
                                copy_id, copy.path_of(copy_id))
-            await SharedWorkspaceMapping.insert(SharedWorkspaceMapping(
-                original_workspace=original_id, shared_workspace=copy_id,
-                last_resource_options=as_json(last_job["resource_options"]) if last_job else {},
-                last_job_type=last_job["job_type"] if last_job else None,
-            ))
+            await conn.execute(
+                "INSERT INTO uws_shared_workspace_mapping (original_workspace, "
+                "shared_workspace, last_resource_options, last_job_type) "
+                "VALUES ($1, $2, $3::jsonb, $4)", original_id, copy_id,
+                json.dumps(sql.as_json(last_job["resource_options"]) if last_job else {}),
+                last_job["job_type"] if last_job else None)
             created.append(copy_id)
     return created
 
@@ -152,14 +152,13 @@ async def _lock_mapping(conn: Any, shared_workspace_id: int) -> Any | None:
 async def accept(shared_workspace_id: int, recipient_id: int) -> bool:
     """Accept a share (again: a no-op); ``False`` when it is not the recipient's or is
     being withdrawn. The mapping's row lock orders it against a concurrent withdrawal."""
-    async with Workspace._meta.db.transaction() as tx:
-        conn = tx.connection
+    async with sql.transaction() as conn:
         row = await _lock_mapping(conn, shared_workspace_id)
         if row is None or row["recipient"] != recipient_id:
             return False
         if row["is_accepted"]:
             return True
-        if row["status"] == "deleting":
+        if row["status"] == WorkspaceStatus.deleting:
             return False
         await conn.execute("UPDATE uws_shared_workspace_mapping SET is_accepted = true "
                            "WHERE shared_workspace = $1", shared_workspace_id)
@@ -178,28 +177,27 @@ class Withdrawal(Enum):
 async def withdraw(shared_workspace_id: int) -> Withdrawal:
     """Mark the copy of a share not yet accepted ``deleting`` (under the mapping's lock,
     so an acceptance at the same moment either wins or sees this)."""
-    async with Workspace._meta.db.transaction() as tx:
-        conn = tx.connection
+    async with sql.transaction() as conn:
         row = await _lock_mapping(conn, shared_workspace_id)
         if row is None:
             return Withdrawal.missing
         if row["is_accepted"]:
             return Withdrawal.accepted
         await conn.execute(
-            "UPDATE uws_workspace SET status = 'deleting', status_reason = 'Share withdrawn.' "
-            "WHERE id = $1", shared_workspace_id)
+            "UPDATE uws_workspace SET status = $2, status_reason = 'Share withdrawn.' "
+            "WHERE id = $1", shared_workspace_id, WorkspaceStatus.deleting)
     return Withdrawal.queued
 
 
 async def discard(copy_ids: list[int]) -> None:
     """Remove copies whose workflow never started (nothing was written for them yet)."""
     if copy_ids:
-        await Workspace.delete().where(Workspace.id.is_in(copy_ids))
+        await sql.execute("DELETE FROM uws_workspace WHERE id = ANY($1)", copy_ids)
 
 
 async def recipients(user_ids: list[int]) -> list[Any]:
     """Users by id, with what decides whether they can receive a share."""
-    return await reads.fetch(
+    return await sql.fetch(
         "SELECT u.id, u.username, u.email, u.first_name, u.last_name, u.is_active, "
         "EXISTS (SELECT 1 FROM uws_group_membership g WHERE g.\"user\" = u.id "
         "AND g.group_name = $2) AS is_api_client FROM uws_user u WHERE u.id = ANY($1)",

@@ -7,8 +7,6 @@ never undoes a concurrent rename (a bug of the reference server).
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 from piccolo.columns import (
     JSONB,
     BigInt,
@@ -25,24 +23,7 @@ from piccolo.columns.base import OnDelete
 from piccolo.columns.defaults.timestamptz import TimestamptzNow
 from piccolo.table import Table
 
-
-class WorkspaceStatus(StrEnum):
-    initializing = "initializing"
-    idle = "idle"
-    active = "active"
-    deleting = "deleting"
-    error = "error"
-
-
-class JobStatus(StrEnum):
-    pending = "pending"
-    running = "running"
-    stopping = "stopping"
-    complete = "complete"
-    failed = "failed"
-
-
-ACTIVE_JOB_STATUSES = (JobStatus.pending.value, JobStatus.running.value, JobStatus.stopping.value)
+from core.status import JobStatus, WorkspaceStatus
 
 
 class User(Table, tablename="uws_user"):

@@ -29,8 +29,8 @@ import pytest
 from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 
+from app.devstack import temporal_binary
 from controllers.base import ExternalAccount
-from core.devstack import temporal_binary
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES
 
@@ -190,7 +190,7 @@ async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.close()
         return
-    from core.devstack import embedded_database_url
+    from app.devstack import embedded_database_url
     from db.engine import ensure_database
 
     url = embedded_database_url(tmp_path_factory.mktemp("embedded"), database="uws")
@@ -265,7 +265,7 @@ def mailbox() -> Iterator[Mailbox]:
 async def controllers(settings: Settings, mailbox: Mailbox, data_dir: Path):
     import dataclasses
 
-    from api.app import load_controllers
+    from app.controllers import load_controllers
     from controllers.notify.email import EmailNotifier, EmailSettings
     loaded = load_controllers(settings)
     notifier = EmailNotifier(EmailSettings(enabled=True, port=mailbox.port,
@@ -278,7 +278,7 @@ async def controllers(settings: Settings, mailbox: Mailbox, data_dir: Path):
 
 @pytest.fixture(scope="session")
 async def worker(temporal_env: WorkflowEnvironment, controllers, settings: Settings, engine):
-    from worker import build_worker
+    from app.worker import build_worker
 
     w = build_worker(temporal_env.client, controllers, settings.task_queue, shutdown_seconds=0)
     async with w:
@@ -297,7 +297,7 @@ async def server_url(app, settings: Settings) -> AsyncIterator[str]:
     """The app served by a real uvicorn on loopback, in the tests' own event loop."""
     import uvicorn
 
-    from core.server import uvicorn_config
+    from api.http.server import uvicorn_config
 
     port = free_port()
     server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=port,

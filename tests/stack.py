@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.devstack import SQLITE_PRAGMAS, temporal_binary
+from app.devstack import SQLITE_PRAGMAS, temporal_binary
 from core.temporal import SEARCH_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,11 +295,11 @@ class Stack:
 
     def _api(self, i: int) -> Proc:
         env = {**self.env(), "UWS_HOST": "127.0.0.1", "UWS_PORT": str(self.api_ports[i])}
-        return Proc(f"api{i}", [sys.executable, "-m", "core.cli", "api"],
+        return Proc(f"api{i}", [sys.executable, "-m", "app.cli", "api"],
                     self.base / f"api{i}.log", env=env)
 
     def _worker(self, i: int) -> Proc:
-        return Proc(f"worker{i}", [sys.executable, "-m", "core.cli", "worker"],
+        return Proc(f"worker{i}", [sys.executable, "-m", "app.cli", "worker"],
                     self.base / f"worker{i}.log", env=self.env())
 
     def api_url(self, i: int = 0) -> str:
@@ -335,7 +335,7 @@ class Stack:
         return self
 
     def _cli(self, *args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "core.cli", *args], env=self.env(),
+        done = subprocess.run([sys.executable, "-m", "app.cli", *args], env=self.env(),
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"uws {' '.join(args)} failed:\n{done.stderr[-3000:]}")

@@ -7,7 +7,9 @@ activities all import it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 TASK_QUEUE_DEFAULT = "uws"
 
@@ -37,6 +39,11 @@ class DeleteWorkspaceResult:
 @dataclass
 class WorkspaceRef:
     workspace_id: int
+
+
+@dataclass
+class Removal:
+    removed: bool  # False: there was nothing (left) to remove
 
 
 @dataclass
@@ -93,8 +100,8 @@ class JobInput:
     job_type: str
     resource_name: str
     time_limit_min: float  # minutes; fractions are for tests
-    resource_options: dict = field(default_factory=dict)
-    job_details: dict = field(default_factory=dict)
+    resource_options: dict[str, Any] = field(default_factory=dict)
+    job_details: dict[str, Any] = field(default_factory=dict)
     reserved_core_hours: float = 0.0
     idle_timeout_min: float | None = None
     # Still pending this long (launching, or queued on the resource): the job fails.
@@ -104,11 +111,50 @@ class JobInput:
 
 
 @dataclass
+class JobHandle:
+    """How a resource finds a job it launched again (``ComputeResource.launch`` answers
+    a mapping; this is it, typed, as the workflow keeps it and passes it back). The fields
+    are those of the built-in resources; a resource of a site's own keeps its other keys in
+    ``extra``. Every history's handle, a plain object when it was recorded, reads as one.
+    """
+
+    id: int = -1  # the resource's number for the job: a process id, a Slurm job id
+    job_id: int = 0  # ours
+    hostname: str = ""
+    cpus: int = 1
+    workdir: str = ""
+    # The local resource: the process group and the supervisor, with their start ticks
+    # (a pid alone may be reused), where its records are, when it started.
+    pgid: int = 0
+    job_ticks: int | None = None
+    supervisor_pid: int = 0
+    supervisor_ticks: int | None = None
+    state_dir: str = ""
+    started_at: float = 0.0
+    # Slurm: whose job it is there, and when it was submitted.
+    user: str = ""
+    submitted_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, handle: Mapping[str, Any]) -> JobHandle:
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in handle.items() if k in names}
+        return cls(**known, extra={k: v for k, v in handle.items() if k not in names})
+
+    def as_mapping(self) -> dict[str, Any]:
+        """The handle for its resource: every field (those it did not set at their
+        defaults) and its own keys."""
+        mapping = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**mapping, **self.extra}
+
+
+@dataclass
 class JobRunState:
     """Everything the workflow knows; carried across continue-as-new."""
 
     phase: str = "new"  # new | launched | ended
-    handle: dict | None = None
+    handle: JobHandle | None = None
     hostname: str = ""
     deadline_epoch: float = 0.0  # time limit, as workflow time
     stop_requested: bool = False
@@ -136,7 +182,7 @@ class PrepareResult:
     workdir: str
     script: str
     interactive: bool
-    env: dict = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,8 +207,8 @@ class LaunchInput:
     resource_name: str
     workdir: str
     script: str
-    resource_options: dict
-    env: dict
+    resource_options: dict[str, Any]
+    env: dict[str, str]
     time_limit_min: float
     user_id: int
 
@@ -170,7 +216,7 @@ class LaunchInput:
 @dataclass
 class WatchInput:
     resource_name: str
-    handle: dict
+    handle: JobHandle
     timeout_seconds: float
     known_status: str = ""
     # Our deadline (epoch seconds), so a resource with a limit of its own can keep up
@@ -192,7 +238,7 @@ class WatchResult:
 @dataclass
 class StopJobInput:
     resource_name: str
-    handle: dict
+    handle: JobHandle
     grace_seconds: float = 10.0
 
 
@@ -203,7 +249,7 @@ class ConnectionInput:
     resource_name: str
     workdir: str
     hostname: str
-    job_details: dict = field(default_factory=dict)
+    job_details: dict[str, Any] = field(default_factory=dict)
     user_id: int = 0  # whose account the session's endpoint belongs to
 
 
@@ -213,7 +259,7 @@ class ConnectionResult:
     into the workflow's history."""
 
     ready: bool
-    current_job_details: dict = field(default_factory=dict)
+    current_job_details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -226,7 +272,7 @@ class JobStatusUpdate:
     set_start: bool = False
     set_end: bool = False
     core_hours: float | None = None
-    current_job_details: dict | None = None
+    current_job_details: dict[str, Any] | None = None
     event: str = ""
 
 
@@ -248,7 +294,7 @@ class StartJobResult:
 
     workdir: str
     interactive: bool
-    handle: dict
+    handle: JobHandle
     hostname: str
     written: JobStatusUpdate
 
@@ -256,6 +302,11 @@ class StartJobResult:
 @dataclass
 class IdleCheck:
     job_id: int
+
+
+@dataclass
+class IdleResult:
+    seconds: float  # since the session was last used (or started)
 
 
 @dataclass
@@ -326,6 +377,16 @@ class ShareRef:
     shared_workspace_id: int
 
 
+@dataclass
+class InvitationResult:
+    sent: bool  # False: no address, mail off, or the message was refused for good
+
+
+@dataclass
+class StatusChange:
+    changed: bool  # False: the workspace was not in one of the statuses it could leave
+
+
 # --- upkeep ---------------------------------------------------------------------------
 
 
@@ -337,6 +398,11 @@ class UpkeepInput:
 @dataclass
 class UsageResult:
     users: int
+
+
+@dataclass
+class RescanResult:
+    workspaces: int  # scanned
 
 
 @dataclass

@@ -18,14 +18,15 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from core.status import WorkspaceStatus
     from workflows.failures import root_cause
     from workflows.models import (
-        ShareCopyResult,
         ShareInput,
         ShareRef,
         WorkspaceRef,
         WorkspaceStatusInput,
     )
+    from workflows.steps import ShareSteps, WorkspaceSteps
 
 _QUICK = timedelta(seconds=30)
 _COPY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), backoff_coefficient=2.0,
@@ -57,8 +58,8 @@ class ShareWorkspaceWorkflow:
     @workflow.run
     async def run(self, inp: ShareInput) -> str:
         ref = ShareRef(shared_workspace_id=inp.shared_workspace_id)
-        copy = workflow.start_activity(
-            "copy_shared_workspace", ref, result_type=ShareCopyResult,
+        copy = workflow.start_activity_method(
+            ShareSteps.copy_shared_workspace, ref,
             start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=timedelta(seconds=30),
             retry_policy=_COPY_RETRY,
         )
@@ -72,19 +73,21 @@ class ShareWorkspaceWorkflow:
             copy.result()
         except ActivityError as err:
             reason = f"Copy failed: {root_cause(err)}"
-            await self._status(inp.shared_workspace_id, "error", reason, ["initializing"])
+            await self._status(inp.shared_workspace_id, WorkspaceStatus.error, reason,
+                               [WorkspaceStatus.initializing])
             self.stage = "failed"
             return "failed"
 
-        await workflow.execute_activity(
-            "scan_workspace", WorkspaceRef(workspace_id=inp.shared_workspace_id),
+        await workflow.execute_activity_method(
+            WorkspaceSteps.scan_workspace, WorkspaceRef(workspace_id=inp.shared_workspace_id),
             start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(minutes=1),
             retry_policy=_FOREVER)
-        await self._status(inp.shared_workspace_id, "idle", "", ["initializing"])
+        await self._status(inp.shared_workspace_id, WorkspaceStatus.idle, "",
+                           [WorkspaceStatus.initializing])
         self.stage = "invited"
         try:
-            await workflow.execute_activity(
-                "send_share_invitation", ref, start_to_close_timeout=timedelta(minutes=2),
+            await workflow.execute_activity_method(
+                ShareSteps.send_share_invitation, ref, start_to_close_timeout=timedelta(minutes=2),
                 retry_policy=_MAIL_RETRY)
         except ActivityError as err:
             workflow.logger.warning("invitation for share %s not sent: %s",
@@ -101,19 +104,22 @@ class ShareWorkspaceWorkflow:
     async def _discard(self, inp: ShareInput, outcome: str) -> str:
         """Remove the copy: directory first, then its row (and with it the mapping)."""
         self.stage = outcome
-        await self._status(inp.shared_workspace_id, "deleting", f"Share {outcome}.", [])
+        await self._status(inp.shared_workspace_id, WorkspaceStatus.deleting,
+                           f"Share {outcome}.", [])
         ref = WorkspaceRef(workspace_id=inp.shared_workspace_id)
-        await workflow.execute_activity(
-            "delete_workspace_directory", ref, start_to_close_timeout=timedelta(minutes=30),
-            heartbeat_timeout=timedelta(minutes=1), retry_policy=_FOREVER)
-        await workflow.execute_activity(
-            "delete_workspace_row", ref, start_to_close_timeout=_QUICK, retry_policy=_FOREVER)
+        await workflow.execute_activity_method(
+            WorkspaceSteps.delete_workspace_directory, ref,
+            start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(minutes=1),
+            retry_policy=_FOREVER)
+        await workflow.execute_activity_method(
+            WorkspaceSteps.delete_workspace_row, ref, start_to_close_timeout=_QUICK,
+            retry_policy=_FOREVER)
         return outcome
 
     async def _status(self, workspace_id: int, status: str, reason: str,
                       only_from: list[str]) -> None:
-        await workflow.execute_activity(
-            "set_workspace_status",
+        await workflow.execute_activity_method(
+            ShareSteps.set_workspace_status,
             WorkspaceStatusInput(workspace_id=workspace_id, status=status, reason=reason,
                                  only_from=only_from),
             start_to_close_timeout=_QUICK, retry_policy=_FOREVER)

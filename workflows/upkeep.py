@@ -11,6 +11,7 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import ReconcileResult, UpkeepInput, UsageResult
+    from workflows.steps import UpkeepSteps
 
 _RETRY = RetryPolicy(maximum_interval=timedelta(minutes=1), maximum_attempts=5)
 
@@ -19,11 +20,11 @@ _RETRY = RetryPolicy(maximum_interval=timedelta(minutes=1), maximum_attempts=5)
 class UsageUpkeepWorkflow:
     @workflow.run
     async def run(self, inp: UpkeepInput) -> UsageResult:
-        await workflow.execute_activity(
-            "rescan_all_workspaces", inp, start_to_close_timeout=timedelta(hours=2),
+        await workflow.execute_activity_method(
+            UpkeepSteps.rescan_all_workspaces, inp, start_to_close_timeout=timedelta(hours=2),
             heartbeat_timeout=timedelta(minutes=2), retry_policy=_RETRY)
-        return await workflow.execute_activity(
-            "recompute_usage", inp, result_type=UsageResult,
+        return await workflow.execute_activity_method(
+            UpkeepSteps.recompute_usage, inp,
             start_to_close_timeout=timedelta(minutes=10), retry_policy=_RETRY)
 
 
@@ -31,7 +32,7 @@ class UsageUpkeepWorkflow:
 class ReconcileJobsWorkflow:
     @workflow.run
     async def run(self, inp: UpkeepInput) -> ReconcileResult:
-        return await workflow.execute_activity(
-            "reconcile_jobs", inp, result_type=ReconcileResult,
+        return await workflow.execute_activity_method(
+            UpkeepSteps.reconcile_jobs, inp,
             start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(minutes=2),
             retry_policy=_RETRY)

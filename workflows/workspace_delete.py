@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
         WorkspaceErrorInput,
         WorkspaceRef,
     )
+    from workflows.steps import WorkspaceSteps
 
 _RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -36,22 +37,22 @@ class DeleteWorkspaceWorkflow:
     async def run(self, inp: DeleteWorkspaceInput) -> DeleteWorkspaceResult:
         ref = WorkspaceRef(workspace_id=inp.workspace_id)
         try:
-            await workflow.execute_activity(
-                "delete_workspace_directory", ref,
+            await workflow.execute_activity_method(
+                WorkspaceSteps.delete_workspace_directory, ref,
                 start_to_close_timeout=timedelta(minutes=30),
                 heartbeat_timeout=timedelta(minutes=1),
                 retry_policy=_RETRY,
             )
-            await workflow.execute_activity(
-                "delete_workspace_row", ref,
+            await workflow.execute_activity_method(
+                WorkspaceSteps.delete_workspace_row, ref,
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=_RETRY,
             )
         except ActivityError as err:
             reason = f"Deletion failed: {root_cause(err)}"
             workflow.logger.warning("workspace %s: %s", inp.workspace_id, reason)
-            await workflow.execute_activity(
-                "mark_workspace_error",
+            await workflow.execute_activity_method(
+                WorkspaceSteps.mark_workspace_error,
                 WorkspaceErrorInput(workspace_id=inp.workspace_id, reason=reason),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=1)),

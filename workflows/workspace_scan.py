@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
         ScanWorkspaceInput,
         WorkspaceRef,
     )
+    from workflows.steps import WorkspaceSteps
 
 # Bounded: a workspace that can never be scanned (its directory gone for good, its path
 # no longer inside the storage root) ends the workflow, failed with the reason, instead of
@@ -45,9 +46,8 @@ class ScanWorkspaceWorkflow:
         # afresh with a short history; the signals still pending carry over.
         while self._pending and len(results) < inp.max_scans:
             self._pending = 0
-            result: ScanResult = await workflow.execute_activity(
-                "scan_workspace", WorkspaceRef(workspace_id=inp.workspace_id),
-                result_type=ScanResult,
+            result: ScanResult = await workflow.execute_activity_method(
+                WorkspaceSteps.scan_workspace, WorkspaceRef(workspace_id=inp.workspace_id),
                 start_to_close_timeout=timedelta(minutes=30),
                 heartbeat_timeout=timedelta(minutes=1),
                 retry_policy=_SCAN_RETRY,

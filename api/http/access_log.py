@@ -14,7 +14,7 @@ from typing import Any
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 logger = logging.getLogger("uws.access")
-# Set in the scope by core.http_guard when it answered for a running app (a body deadline).
+# Set in the scope by api.http.guard when it answered for a running app (a body deadline).
 REFUSED_SCOPE_KEY = "uws.refused_status"
 # nginx's code for "the client went away before the answer".
 CLIENT_GONE = 499

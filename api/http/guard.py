@@ -18,7 +18,7 @@ from typing import Any, Literal
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from core.access_log import REFUSED_SCOPE_KEY, access_log
+from api.http.access_log import REFUSED_SCOPE_KEY, access_log
 from core.settings import Settings
 
 Phase = Literal["idle", "headers", "body", "lingering", "closed"]

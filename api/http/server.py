@@ -8,8 +8,8 @@ from typing import Any
 
 import uvicorn
 
-from core.access_log import AccessLog
-from core.http_guard import HttpLimits, guarded_protocol
+from api.http.access_log import AccessLog
+from api.http.guard import HttpLimits, guarded_protocol
 from core.settings import Settings
 
 

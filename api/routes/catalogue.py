@@ -12,6 +12,7 @@ from api import schemas
 from api.openapi import contract
 from api.state import app_state
 from controllers.base import Plugin
+from db import sql
 
 
 def _version() -> str:
@@ -94,10 +95,8 @@ async def _plugin_health(plugin: Plugin) -> dict[str, Any]:
 
 
 async def _database_health() -> dict[str, Any]:
-    from db.tables import User
-
     try:
-        await asyncio.wait_for(User.raw("SELECT 1"), timeout=3)
+        await asyncio.wait_for(sql.ping(), timeout=3)
         return _health(True, "")
     except Exception as exc:
         return _health(False, str(exc) or type(exc).__name__)

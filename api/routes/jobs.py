@@ -21,10 +21,10 @@ from api.serializers import job_json, origin_of
 from api.session_links import with_ticket
 from api.state import app_state
 from api.workflow_ops import signal_stop
+from core.status import ACTIVE_JOB_STATUSES, JobStatus
 from db import jobs as job_rows
 from db import quotas
-from db.queries import as_json
-from db.tables import Job
+from db.sql import as_json
 from workflows.job import JobWorkflow
 from workflows.models import ExtendRequest, job_workflow_id
 
@@ -35,7 +35,7 @@ _FILTER_DOCS = (
           OpenAPIType.INTEGER),
     query("job_type", "Only jobs of this job type id."),
     query("status", "Only jobs in this status.",
-          enum=("pending", "running", "stopping", "complete", "failed")),
+          enum=tuple(JobStatus)),
 )
 _DEFAULT_MAX_MINUTES = 480
 
@@ -53,27 +53,24 @@ def _listing(request: Request[Any, Any, Any], rows: list[dict[str, Any]]) -> Res
     return json_response({"success": True, "message": message, "data": {"jobs": jobs}})
 
 
-def _filtered(request: Request[Any, Any, Any], user: AuthUser, job_id: int | None = None):
-    query = Job.select().where(Job.user == user.id)
-    if job_id is not None:
-        query = query.where(Job.id == job_id)
+async def _filtered(request: Request[Any, Any, Any], user: AuthUser,
+                    job_id: int | None = None) -> list[dict[str, Any]]:
+    """The user's jobs matching the query's filters (none for a number out of range)."""
+    filters: dict[str, Any] = {}
     for key, value in query_filters(request, _FILTERS).items():
         if key in ("workspace_id", "resource_job_id"):
             number = int(value) if value.lstrip("-").isdigit() else None
             if number is None or abs(number) > 2**63 - 1:
-                return None
-            column = Job.workspace if key == "workspace_id" else Job.resource_job_id
-            query = query.where(column == number)
+                return []
+            filters[key] = number
         else:
-            query = query.where(getattr(Job, key) == value)
-    return query.order_by(Job.id)
+            filters[key] = value
+    return await job_rows.listing(user.id, job_id=job_id, **filters)
 
 
 async def _owned(user: AuthUser, raw_id: str) -> dict[str, Any]:
     job_id = parse_id(raw_id)
-    row = None
-    if job_id is not None:
-        row = await Job.select().where((Job.id == job_id) & (Job.user == user.id)).first()
+    row = await job_rows.owned(user.id, job_id) if job_id is not None else None
     if row is None:
         raise _not_found(raw_id)
     return row
@@ -89,8 +86,7 @@ class JobRoutes(Controller):
     async def list_jobs(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """The caller's jobs, filtered by ``workspace_id``, ``resource_job_id``,
         ``job_type``, ``status``."""
-        query = _filtered(request, current_user(request))
-        return _listing(request, await query if query is not None else [])
+        return _listing(request, await _filtered(request, current_user(request)))
 
     @get("/{job_id:str}/", operation_id="getJob",
          **contract("Get one job (as a list)",
@@ -100,8 +96,8 @@ class JobRoutes(Controller):
     ) -> Response[bytes]:
         """One of the caller's jobs, in the listing's shape."""
         jid = parse_id(job_id)
-        query = _filtered(request, current_user(request), jid) if jid is not None else None
-        return _listing(request, await query if query is not None else [])
+        rows = await _filtered(request, current_user(request), jid) if jid is not None else []
+        return _listing(request, rows)
 
     @get("/{job_id:str}/events/", operation_id="getJobEvents",
          **contract("A job's timeline", schemas.JobEventsResponse, 401, 404, 503))
@@ -160,13 +156,13 @@ async def _act(request: Request[Any, Any, Any], job_id: str, put_type: str) -> d
 
 async def _stop(request: Request[Any, Any, Any], row: dict[str, Any]) -> dict[str, Any]:
     state = app_state(request)
-    if row["status"] not in ("pending", "running", "stopping"):
+    if row["status"] not in ACTIVE_JOB_STATUSES:
         raise BadRequest("This job is not running or pending.")
     # The signal goes first: were ``stopping`` written first and the signal then lost
     # (Temporal unreachable), a retry would be refused and the job would run to its time
     # limit. An unreachable Temporal raises here (the app's 503) with the row unchanged.
     await signal_stop(state.temporal, row["id"])
-    if row["status"] == "stopping":
+    if row["status"] == JobStatus.stopping:
         # A retry, or a stop after the workflow began stopping on its own: the signal was
         # sent again (the workflow keeps the first reason); the contract's answer for a
         # job already stopping is the 400.
@@ -174,7 +170,8 @@ async def _stop(request: Request[Any, Any, Any], row: dict[str, Any]) -> dict[st
     # A job whose launch has not happened yet is stopped by its workflow too (the launch
     # races the stop and whatever it began is abandoned): "queued", as the reference says
     # for every pending job.
-    if not await job_rows.record_status(row["id"], "stopping", event="stop requested"):
+    if not await job_rows.record_status(row["id"], JobStatus.stopping,
+                                        event="stop requested"):
         raise BadRequest("This job is not running or pending.")
     return {"success": True, "message": "Job queued to stop."}
 
@@ -185,7 +182,7 @@ async def _extend(request: Request[Any, Any, Any], row: dict[str, Any]) -> dict[
     minutes = body.get("minutes") if isinstance(body, dict) else None
     if not isinstance(minutes, int) or isinstance(minutes, bool) or minutes < 1:
         raise BadRequest("'minutes' must be a positive integer.")
-    if row["status"] not in ("pending", "running"):
+    if row["status"] not in (JobStatus.pending, JobStatus.running):
         raise BadRequest("This job is not running or pending.")
     param = state.controllers.config.parameter("time_limit_min")
     max_total = int(param.validation.max) if param and param.validation.max else \

@@ -24,8 +24,8 @@ from api.ids import parse_id
 from api.live_status import RESYNC, Subscription
 from api.metrics import WEBSOCKET_SUBSCRIBERS
 from api.serializers import origin_of, with_url_domain
-from db.queries import as_json
-from db.tables import ACTIVE_JOB_STATUSES, Job
+from db import jobs as job_rows
+from db.sql import as_json
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
@@ -55,14 +55,10 @@ async def _current(user: AuthUser, job_id: int | None, origin: str,
                    shown: set[int] | None = None) -> list[dict[str, Any]]:
     """The job, or all active jobs plus those in ``shown`` (the ones this socket told of
     before: after a resync, a job that ended meanwhile must show its end, not vanish)."""
-    columns = (Job.id, Job.workspace, Job.status, Job.job_details)
     if job_id is not None:
-        rows = await Job.select(*columns).where((Job.id == job_id) & (Job.user == user.id))
+        rows = await job_rows.event_rows(user.id, job_id)
     else:
-        wanted = Job.status.is_in(list(ACTIVE_JOB_STATUSES))
-        if shown:
-            wanted = wanted | Job.id.is_in(list(shown))
-        rows = await Job.select(*columns).where((Job.user == user.id) & wanted).order_by(Job.id)
+        rows = await job_rows.active_event_rows(user.id, sorted(shown or ()))
     return [_event(r, origin) for r in rows]
 
 

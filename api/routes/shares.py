@@ -17,8 +17,8 @@ from api.ids import parse_id
 from api.openapi import contract, query
 from api.serializers import iso, raw_json
 from api.state import AppState, app_state
-from db import accounts, shares
-from db.tables import Workspace
+from core.status import UNUSABLE_WORKSPACE_STATUSES
+from db import accounts, shares, workspaces
 
 _TRUE = {"true", "1", "yes", "True"}
 _FALSE = {"false", "0", "no", "False"}
@@ -116,7 +116,7 @@ class SharedWorkspaceRoutes(Controller):
         if not isinstance(user_ids, list):
             raise BadRequest("shared_user_ids is not a list.")
         recipients = await _recipients(user_ids, user)
-        if original["status"] in ("deleting", "initializing", "error"):
+        if original["status"] in UNUSABLE_WORKSPACE_STATUSES:
             raise BadRequest(f"Workspace {original['id']} is {original['status']} and cannot "
                              "be shared.")
         if not recipients:
@@ -197,8 +197,7 @@ async def _own_workspace(user: AuthUser, raw_id: Any) -> dict[str, Any] | None:
     workspace_id = parse_id(str(raw_id)) if not isinstance(raw_id, bool) else None
     if workspace_id is None:
         return None
-    row = await Workspace.select().where(
-        (Workspace.id == workspace_id) & (Workspace.user == user.id)).first()
+    row = await workspaces.owned(user.id, workspace_id)
     if row is None:
         return None
     pending = await shares.one(workspace_id)

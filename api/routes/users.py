@@ -6,14 +6,12 @@ from typing import Any
 
 from litestar import Controller, Request, get
 from litestar.params import FromQuery
-from piccolo.columns.combination import WhereRaw
 
 from api import schemas
 from api.auth import current_user
 from api.openapi import contract
 from api.serializers import user_json
-from db import quotas
-from db.tables import User
+from db import accounts, quotas
 
 
 class UserRoutes(Controller):
@@ -28,17 +26,7 @@ class UserRoutes(Controller):
     ) -> dict[str, Any]:
         """Users whose first and last name, or e-mail, contain ``search`` (any case); never
         the caller nor ``admin``."""
-        me = current_user(request)
-        query = User.select(
-            User.id, User.first_name, User.last_name, User.username, User.email
-        ).where((User.id != me.id) & (User.username != "admin") & User.is_active.eq(True))
-        if search:
-            escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            pattern = f"%{escaped}%"
-            query = query.where(WhereRaw(
-                "((first_name || ' ' || last_name) ILIKE {} OR email ILIKE {})", pattern, pattern
-            ))
-        rows = await query.order_by(User.id).limit(500)
+        rows = await accounts.search(current_user(request).id, search)
         users = [user_json(r) for r in rows]
         if users:
             return {"success": True, "message": "Successful.", "data": {"users": users}}

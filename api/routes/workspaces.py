@@ -26,17 +26,17 @@ from api.workspace_details import parse_workspace_details, request_details
 from controllers.base import ExternalAccount, FileSpec, StagedUpload
 from controllers.errors import PayloadTooLarge
 from core.parameters import validate_resource_options
-from db import accounts, quotas, reads, workspaces
-from db.queries import as_json, now
-from db.tables import SharedWorkspaceMapping, Workspace
+from core.status import UNUSABLE_WORKSPACE_STATUSES, WorkspaceStatus
+from db import accounts, quotas, workspaces
+from db.sql import as_json
 
-_FILTERS = ("name", "description", "status")
+_FILTERS = workspaces.FILTERS
 _FILTER_DOCS = (
     query("name", "Only workspaces of exactly this name."),
     query("description", "Only workspaces of exactly this description."),
-    query("status", "Only workspaces in this status.",
-          enum=("initializing", "idle", "active", "deleting", "error")),
+    query("status", "Only workspaces in this status.", enum=tuple(WorkspaceStatus)),
 )
+
 _CREATE_EXAMPLES = {"files": {
     "name": "analysis", "description": "A first look at the data",
     "default_job_type": "jupyter_lab",
@@ -57,25 +57,14 @@ def _not_found(workspace_id: Any) -> NotFound:
 async def _owned(user: AuthUser, raw_id: str) -> dict[str, Any]:
     """The caller's workspace row, or the contract's 404 (someone else's id included)."""
     workspace_id = parse_id(raw_id)
-    row = None
-    if workspace_id is not None:
-        row = await Workspace.select().where(
-            (Workspace.id == workspace_id) & (Workspace.user == user.id)
-        ).first()
+    row = await workspaces.owned(user.id, workspace_id) if workspace_id is not None else None
     if row is None:
         raise _not_found(raw_id)
     return row
 
 
-async def _is_unaccepted_copy(workspace_id: int) -> bool:
-    return await SharedWorkspaceMapping.exists().where(
-        (SharedWorkspaceMapping.shared_workspace == workspace_id)
-        & SharedWorkspaceMapping.is_accepted.eq(False)
-    )
-
-
 async def _refuse_unaccepted_copy(workspace_id: int) -> None:
-    if await _is_unaccepted_copy(workspace_id):
+    if await workspaces.is_unaccepted_copy(workspace_id):
         raise BadRequest(
             f"Workspace {workspace_id} is a shared workspace and has not been accepted."
         )
@@ -93,11 +82,11 @@ def _check_job_type(state: AppState, value: Any) -> None:
 
 
 def _listing(rows: list[Any]) -> Response[bytes]:
-    workspaces = [workspace_json(r) for r in rows]
-    message = "Successful." if workspaces else \
+    shown = [workspace_json(r) for r in rows]
+    message = "Successful." if shown else \
         "Workspace matching given parameters could not be found."
     return json_response({"success": True, "message": message,
-                          "data": {"workspaces": workspaces}})
+                          "data": {"workspaces": shown}})
 
 
 class WorkspaceRoutes(Controller):
@@ -111,7 +100,7 @@ class WorkspaceRoutes(Controller):
         """The caller's workspaces, filtered by ``name``, ``description``, ``status``.
         Shared copies not yet accepted are not listed."""
         user = current_user(request)
-        return _listing(await reads.workspaces(user.id, query_filters(request, _FILTERS)))
+        return _listing(await workspaces.listing(user.id, query_filters(request, _FILTERS)))
 
     @get("/{workspace_id:str}/", operation_id="getWorkspace",
          **contract("Get one workspace (as a list)",
@@ -124,7 +113,8 @@ class WorkspaceRoutes(Controller):
         wid = parse_id(workspace_id)
         if wid is None:
             return _listing([])
-        return _listing(await reads.workspaces(user.id, query_filters(request, _FILTERS), wid))
+        return _listing(await workspaces.listing(user.id, query_filters(request, _FILTERS),
+                                                 wid))
 
     @post("/", status_code=200, operation_id="createWorkspace",
           **contract("Create a workspace",
@@ -150,31 +140,25 @@ class WorkspaceRoutes(Controller):
         await storage.validate_files(files, symlinks)
         account = await _account_for(state, user)
 
-        row = (await Workspace.insert(Workspace(
-            user=user.id, name=name, description=description,
-            storage_name=storage.name, default_job_type=default_job_type,
-            request_workspace_details=request_details(files, symlinks),
-            current_workspace_details={"files": [], "symlinks": []},
-        )).returning(Workspace.id))[0]
-        workspace_id = row["id"]
+        workspace_id = await workspaces.create(user.id, name, description, storage.name,
+                                               default_job_type,
+                                               request_details(files, symlinks))
         path = storage.workspace_path(account, workspace_id)
         try:
             # Quota first: a refused create has written nothing (its row goes below).
             claim = await _claim_for_files(user.id, workspace_id, files)
-            await Workspace.update({Workspace.file_path: path}).where(
-                Workspace.id == workspace_id
-            )
+            await workspaces.set_path(workspace_id, path)
             await storage.create_workspace(path, account)
             await storage.write_files(path, account, files, symlinks)
         except BaseException:
             await storage.delete_workspace(path)
-            await Workspace.delete().where(Workspace.id == workspace_id)  # and its claim
+            await workspaces.remove(workspace_id)  # and its claim
             raise
         await quotas.finish_claim(claim)
-        await Workspace.update({Workspace.status: "idle"}).where(Workspace.id == workspace_id)
+        await workspaces.set_status(workspace_id, WorkspaceStatus.idle)
         await workflow_ops.request_scan(state.temporal, state.settings.task_queue,
                                         workspace_id, "created")
-        created = await Workspace.select().where(Workspace.id == workspace_id).first()
+        created = await workspaces.get(workspace_id)
         assert created is not None
         return {"success": True, "message": "Successful.",
                 "data": {"workspace": workspace_json(created)}}
@@ -194,20 +178,20 @@ class WorkspaceRoutes(Controller):
         body = await json_body(request, empty_ok=False)
         if not isinstance(body, dict) or not body:
             raise BadRequest("Missing required fields.")
-        changes: dict[Any, Any] = {}
+        changes: dict[str, Any] = {}
         for key in ("name", "description"):
             if key in body:
                 if not isinstance(body[key], str):
                     raise BadRequest(f"'{key}' must be a string.")
-                changes[getattr(Workspace, key)] = body[key]
+                changes[key] = body[key]
         check_workspace_fields(body, state.settings)
         if "default_job_type" in body:
             value = body["default_job_type"] or None
             if value is not None:
                 _check_job_type(state, value)
-            changes[Workspace.default_job_type] = value
+            changes["default_job_type"] = value
         files, symlinks = parse_workspace_details(body.get("workspace_details"))
-        if row["status"] == "deleting":
+        if row["status"] == WorkspaceStatus.deleting:
             raise BadRequest(f"Workspace {row['id']} is being deleted.")
         if files or symlinks:
             storage = state.controllers.storage_for(row["storage_name"])
@@ -221,11 +205,10 @@ class WorkspaceRoutes(Controller):
                 await asyncio.shield(quotas.drop_claim(claim))
                 raise
             await quotas.finish_claim(claim)
-            changes[Workspace.request_workspace_details] = request_details(
+            changes["request_workspace_details"] = request_details(
                 files, symlinks, as_json(row["request_workspace_details"])
             )
-        changes[Workspace.datetime_last_modified] = now()
-        await Workspace.update(changes).where(Workspace.id == row["id"])
+        await workspaces.edit(row["id"], changes)
         if files or symlinks:
             await workflow_ops.request_scan(state.temporal, state.settings.task_queue,
                                             row["id"], "updated")
@@ -243,7 +226,7 @@ class WorkspaceRoutes(Controller):
         state, user = app_state(request), current_user(request)
         row = await _owned(user, workspace_id)
         await _refuse_unaccepted_copy(row["id"])
-        if row["status"] == "deleting":
+        if row["status"] == WorkspaceStatus.deleting:
             raise BadRequest(f"Workspace {row['id']} is being deleted.")
         limit = state.settings.max_upload_bytes
         length = request.headers.get("content-length")
@@ -287,9 +270,7 @@ class WorkspaceRoutes(Controller):
             raise
         storage.discard_uploads(staged)  # all committed: this only closes them
         await quotas.finish_claim(claim, received)
-        await Workspace.update({Workspace.datetime_last_modified: now()}).where(
-            Workspace.id == row["id"]
-        )
+        await workspaces.edit(row["id"], {})
         await workflow_ops.request_scan(state.temporal, state.settings.task_queue,
                                         row["id"], "upload")
         return {"success": True, "message": "Successful upload."}
@@ -336,12 +317,12 @@ class WorkspaceRoutes(Controller):
         errors = validate_resource_options(state.controllers.config.parameters, resource_options)
         if errors:
             raise Unprocessable(f"Invalid resource options found: {errors}")
-        if row["status"] in ("deleting", "error", "initializing"):
+        if row["status"] in UNUSABLE_WORKSPACE_STATUSES:
             raise BadRequest(f"Workspace {row['id']} is {row['status']} and cannot start jobs.")
         if not row["file_path"] or not await asyncio.to_thread(os.path.isdir, row["file_path"]):
             # Gone because a delete won meanwhile: that delete's answer, not a server error.
             status = await workspaces.status_of(row["id"])
-            if status in (None, "deleting"):
+            if status in (None, WorkspaceStatus.deleting):
                 raise BadRequest(f"Workspace {row['id']} is deleting and cannot start jobs.")
             raise ServerError(
                 "Workspace directory is missing or invalid. Please contact an administrator."

@@ -33,7 +33,7 @@ from api.serializers import origin_of
 from api.sign_in import admit
 from api.state import app_state
 from controllers.errors import ControllerError
-from db import accounts, browser_sessions
+from db import accounts
 
 log = logging.getLogger("uws.api")
 HERE = Path(__file__).parent
@@ -73,7 +73,7 @@ def _page(request: Request[Any, Any, Any], name: str, status_code: int = 200,
 async def _signed_in(request: Request[Any, Any, Any], user_id: int) -> Response[Any]:
     """A fresh session for ``user_id``, as the HttpOnly cookie, and off to the home page."""
     hours = app_state(request).settings.browser_session_hours
-    key = await browser_sessions.issue_session(user_id, timedelta(hours=hours))
+    key = await accounts.issue_browser_session(user_id, timedelta(hours=hours))
     response: Response[Any] = Redirect("/ui/", status_code=303)
     response.cookies.append(_session_cookie(request, key, int(hours * 3600)))
     response.cookies.append(Cookie(key=FLOW_COOKIE, value="", path="/ui/", max_age=0))
@@ -124,7 +124,7 @@ class UiRoutes(Controller):
     @get("/login/", media_type=MediaType.HTML)
     async def login(self, request: Request[Any, Any, Any], ticket: FromQuery[str] = "") -> Any:
         """A link from ``uws login-link``: spent once, then a session cookie."""
-        user_id = await browser_sessions.spend_ticket(ticket)
+        user_id = await accounts.spend_login_ticket(ticket)
         if user_id is None:
             return _page(request, "signin.html", status_code=400, error=BAD_LINK)
         return await _signed_in(request, user_id)
@@ -134,7 +134,7 @@ class UiRoutes(Controller):
         current_user(request)  # the cookie, with the CSRF header (api.browser_auth)
         key = cookie_value(request.scope["headers"])
         if key:
-            await browser_sessions.end_session(key)
+            await accounts.end_browser_session(key)
         response: Response[Any] = Redirect("/ui/", status_code=303)
         response.cookies.append(Cookie(key=COOKIE, value="", path="/", max_age=0,
                                        httponly=True, samesite="lax", secure=_secure(request)))

@@ -14,7 +14,6 @@ import hashlib
 import os
 import time
 from abc import abstractmethod
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -31,6 +30,7 @@ from controllers.base import (
     UserInfo,
 )
 from controllers.errors import AuthenticationFailed, BackendError, InvalidRequest, Unavailable
+from core.ttl_cache import TtlCache
 
 MISSING_TOKEN = "Missing auth_token."
 PROVIDER_DOWN = "The identity provider is unavailable right now. Please try again shortly."
@@ -69,41 +69,22 @@ class ExternalAuthSettings(AccountSettings):
 
 
 class IdentityCache:
-    """Token -> identity, bounded (LRU), keyed by the token's hash, each entry dropped at
-    the earlier of ``ttl`` and the token's own expiry."""
+    """Token -> identity, bounded, keyed by the token's hash (the cache holds no usable
+    token), each entry dropped at the earlier of ``ttl`` and the token's own expiry."""
 
     def __init__(self, ttl: float, size: int) -> None:
-        self.ttl = ttl
-        self.size = size
-        self._entries: OrderedDict[str, tuple[float, UserInfo]] = OrderedDict()
+        self._cache: TtlCache[str, UserInfo] = TtlCache(ttl, size)
 
     @staticmethod
     def key(token: str) -> str:
         return hashlib.sha256(token.encode()).hexdigest()
 
     def get(self, token: str) -> UserInfo | None:
-        key = self.key(token)
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        deadline, info = entry
-        if time.monotonic() >= deadline:
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return info
+        return self._cache.get(self.key(token))
 
     def put(self, token: str, info: UserInfo, expires_at: float | None) -> None:
-        ttl = self.ttl
-        if expires_at is not None:
-            ttl = min(ttl, expires_at - time.time())
-        if ttl <= 0:
-            return
-        key = self.key(token)
-        self._entries[key] = (time.monotonic() + ttl, info)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        left = None if expires_at is None else expires_at - time.time()
+        self._cache.put(self.key(token), info, left)
 
 
 def reject(reason: str) -> AuthenticationFailed:

@@ -24,7 +24,7 @@ import pytest
 import uvicorn
 import websockets
 
-from core.server import uvicorn_config
+from api.http.server import uvicorn_config
 from core.settings import Settings
 from tests.conftest import TEST_CONFIG, eventually, free_port, traversable_dir
 
@@ -428,7 +428,7 @@ async def test_access_log(database_url: str, temporal_env, settings: Settings,
            "UWS_TASK_QUEUE": settings.task_queue, "UWS_DATA_DIR": str(data),
            "UWS_HOST": "127.0.0.1", "UWS_PORT": str(port), "UWS_LOG_FORMAT": log_format,
            "UWS_BODY_TIMEOUT_SECONDS": "0.5"}
-    api = Proc("api", [sys.executable, "-m", "core.cli", "api", "--access-log"],
+    api = Proc("api", [sys.executable, "-m", "app.cli", "api", "--access-log"],
                tmp_path / "api.log", env=env)
     api.start()
     secret = secrets.token_hex(8)

@@ -11,9 +11,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.metrics import count_relayed
+from app.worker_metrics import job_count_exporter, telemetry_runtime
 from core.temporal import connect
-from core.worker_metrics import job_count_exporter, telemetry_runtime
-from db import reads
+from db import accounts
 from db.tables import Job
 from tests.api.test_live_status import ws_url
 from tests.conftest import eventually, free_port
@@ -134,7 +134,7 @@ async def test_worker_runtime_exports_temporal_metrics(temporal_env, settings) -
 
 
 async def test_job_counts_exported_by_status_and_resource(engine, user_token) -> None:
-    user_id, _ = await reads.token_user(user_token)
+    user_id, _ = await accounts.token_user(user_token)
     resource = f"metrics-{secrets.token_hex(4)}"
     await Job.insert(*(Job(user=user_id, job_type="local_test_job", resource_name=resource,
                            status=status) for status in ("complete", "complete", "failed")))

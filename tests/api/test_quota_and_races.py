@@ -15,9 +15,9 @@ import httpx
 from temporalio.client import WorkflowExecutionStatus
 
 from controllers.base import WorkspaceScan
-from db import quotas, reads
-from db.queries import store_scan
+from db import accounts, quotas
 from db.tables import Job, SharedWorkspaceMapping, User, Workspace
+from db.workspaces import store_scan
 from tests.api.test_workspaces import create, get_one, workspace_dir
 from tests.conftest import eventually, make_user_token
 from workflows.models import job_workflow_id
@@ -29,7 +29,7 @@ MIB = 1024 * KIB
 async def _person(client: httpx.AsyncClient, api_client_key: str,
                   max_disk_space: int | None = None) -> tuple[dict[str, str], int]:
     token = await make_user_token(client, api_client_key, f"q{secrets.token_hex(5)}")
-    found = await reads.token_user(token)
+    found = await accounts.token_user(token)
     assert found is not None
     if max_disk_space is not None:
         await quotas.set_quota(found[0], max_disk_space=max_disk_space)
@@ -206,7 +206,7 @@ async def test_share_refuses_accounts_that_are_no_person(
     auth, me = await _person(client, api_client_key)
     _, gone = await _person(client, api_client_key)
     await User.update({User.is_active: False}).where(User.id == gone)
-    portal = await reads.token_user(api_client_key)
+    portal = await accounts.token_user(api_client_key)
     assert portal is not None
     ws = await create(client, auth)
     cases = [

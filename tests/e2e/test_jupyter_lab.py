@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from db import reads
+from db import sql
 from tests.api.test_jobs import wait_status
 from tests.api.test_workspaces import create
 from tests.conftest import eventually, make_user_token
@@ -98,8 +98,8 @@ async def test_jupyter_lab_session_and_passthrough(
 
     # The passthrough's traffic is the session's liveness, recorded on the job.
     await app.app.state.uws.activity.flush()
-    row = await reads.fetchrow("SELECT (job_details->'metrics'->>'last_activity')::float8 AS s "
-                               "FROM uws_job WHERE id = $1", job_id)
+    row = await sql.fetchrow("SELECT (job_details->'metrics'->>'last_activity')::float8 AS s "
+                             "FROM uws_job WHERE id = $1", job_id)
     assert row["s"] is not None and abs(time.time() - row["s"]) < 60
 
     r = await client.put(f"/jobs/{job_id}/stop/", headers=auth)

@@ -35,7 +35,7 @@ def _start_worker(temporal_env, database_url: str, data_dir: Path, queue: str,
     env = {**os.environ, "UWS_DATABASE_URL": database_url, "UWS_DATA_DIR": str(data_dir),
            "UWS_CONFIG": str(TEST_CONFIG), "UWS_TASK_QUEUE": queue,
            "UWS_TEMPORAL_ADDRESS": temporal_env.client.service_client.config.target_host}
-    return subprocess.Popen([sys.executable, "-m", "core.cli", "worker"], env=env, cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, cwd=ROOT,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 

@@ -185,7 +185,7 @@ async def assert_taken(client: httpx.AsyncClient, token: str, username: str) -> 
 
 async def identity_of(username: str) -> list[dict[str, Any]]:
     """The identities bound to ``username``'s account, one per sign-in method."""
-    from db.queries import as_json
+    from db.sql import as_json
     from db.tables import ExternalUserMapping, User
 
     user = await User.select(User.id).where(User.username == username).first()

@@ -98,7 +98,9 @@ def test_identity_cache_is_bounded_and_honours_expiry() -> None:
     assert cache.get("token2") == people[2]
     cache.put("expired", people[0], time.time() - 1)
     assert cache.get("expired") is None
-    assert "token2" not in cache._entries  # keyed by hash, never by the token itself
+    # Kept under the token's hash, never under the token itself.
+    assert cache._cache.get("token2") is None
+    assert cache._cache.get(IdentityCache.key("token2")) == people[2]
 
 
 async def _no_client(_: str) -> bool:

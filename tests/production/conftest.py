@@ -109,5 +109,5 @@ def uws_env(database_url: str, data_dir: Path, **settings: str | Path) -> dict[s
 
 
 def run_uws(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "core.cli", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)

@@ -63,7 +63,7 @@ def mtls_stack(database_url: str, pki: Pki, stack_proxy: TlsProxy,
                   temporal_tls_server_name="localhost", temporal_tls_ca=pki.ca_file,
                   temporal_tls_cert=cert, temporal_tls_key=key, temporal_reload_seconds="0.5",
                   host="127.0.0.1", port=str(port))
-    uws = [sys.executable, "-m", "core.cli"]
+    uws = [sys.executable, "-m", "app.cli"]
     worker = Proc("worker", [*uws, "worker"], logs / "worker.log", env=env)
     api = Proc("api", [*uws, "api"], logs / "api.log", env=env)
     # The two command lines, to rerun by hand (beside the logs; no secret in them).

@@ -48,7 +48,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from api.passthrough_relay import NOT_ANSWERING
+from api.passthrough import NOT_ANSWERING
 from controllers.base import ExternalAccount, LaunchRequest
 from controllers.resources.local.procfs import is_alive, start_ticks
 from tests.api.test_jobs import wait_status
@@ -776,7 +776,7 @@ async def test_session_token_is_in_no_history_nor_command_line(
 def test_personal_mode_is_refused_as_root(tmp_path: Path) -> None:
     """Attack 7a: an operator (or a config change) runs the server in personal mode as
     root, where every job would run as root. Building the controllers refuses."""
-    from api.app import load_controllers
+    from app.controllers import load_controllers
     from core.config import ConfigError
     from core.settings import Settings
 

@@ -4,7 +4,7 @@ upstream a job registered is ever connected to.
 The path check is tested as a function, then through the app as ``create_app`` wires the
 route (trailing-slash wrapper, request metrics, authentication middleware, the ``/passthrough``
 mount; the other routes left out, so the controllers need not load) on a real uvicorn. The
-job table is a fake ``reads.fetchrow`` naming a real Unix socket that counts connections,
+job table is a fake ``db.jobs.session_of`` naming a real Unix socket that counts connections,
 and the requests carry a valid session cookie, so only the path check stands between a
 ``..`` and that socket. Requests are written by hand: ``httpx`` removes dot segments.
 """
@@ -32,10 +32,9 @@ from websockets.exceptions import InvalidStatus
 
 from api.auth import AuthenticationMiddleware
 from api.metrics import instrument
-from api.passthrough_relay import PassthroughRelay, Upstream
-from api.passthrough_tickets import cookie_name, make_cookie
-from api.routes import passthrough as route
-from api.routes.passthrough import (
+from api.passthrough import PassthroughRelay, Upstream
+from api.passthrough import routes as route
+from api.passthrough.routes import (
     INVALID_PATH,
     STARTING,
     Denied,
@@ -43,9 +42,10 @@ from api.routes.passthrough import (
     path_stays_in_session,
     upstream_from_proxy,
 )
+from api.passthrough.tickets import cookie_name, make_cookie
+from api.principal import TokenCache
 from api.session_activity import SessionActivity
 from api.slashes import AppendSlash
-from api.tokens_cache import TokenCache
 from core.settings import Settings
 
 HOST = "127.0.0.1"
@@ -153,7 +153,7 @@ class Target:
     port: int
     socket_path: str
     connections: list[int] = field(default_factory=lambda: [0])
-    lookups: list[int] = field(default_factory=list)  # job ids fetchrow was asked for
+    lookups: list[int] = field(default_factory=list)  # job ids session_of was asked for
 
 
 def _free_port() -> int:
@@ -183,7 +183,7 @@ async def target() -> AsyncIterator[Target]:
                                        middleware=[AuthenticationMiddleware], debug=False))
         litestar.state.uws = SimpleNamespace(  # what the lifespan builds, minus the DB
             settings=SETTINGS, relay=relay, activity=SessionActivity(), secret_key=SECRET,
-            token_cache=TokenCache(ttl_seconds=0))
+            token_cache=TokenCache(0))
         app = AppendSlash(litestar)
         port = _free_port()
         server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, lifespan="off",
@@ -212,14 +212,14 @@ def jobs(target: Target, monkeypatch: pytest.MonkeyPatch) -> Target:
              "path": "/passthrough/node1/1/"}
     rows = {1: proxy, 2: proxy | {"socket": "jupyter.sock"}, 3: proxy | {"uid": "0"}}
 
-    async def fetchrow(sql: str, job_id: int) -> dict[str, Any] | None:
+    async def session_of(job_id: int) -> dict[str, Any] | None:
         target.lookups.append(job_id)
         if job_id not in rows:
             return None
         details = {"current_job_details": {"proxy_details": rows[job_id]}}
         return {"user": USER, "status": "running", "job_details": json.dumps(details)}
 
-    monkeypatch.setattr(route.reads, "fetchrow", fetchrow)
+    monkeypatch.setattr(route.job_rows, "session_of", session_of)
     return target
 
 

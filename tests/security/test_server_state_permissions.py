@@ -21,8 +21,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from core import devstack
-from core.devstack import PG_HBA, embedded_database_url, prepare_data_dir
+from app import devstack
+from app.devstack import PG_HBA, embedded_database_url
+from core.data_dir import prepare_data_dir
 from core.secret_key import load_secret_key
 from core.settings import Settings
 

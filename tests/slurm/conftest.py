@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app import slurm_dev
+from app.devstack import wait_for_port
 from controllers.resources.slurm.resource import PAUSE_AFTER_SUBMIT_ENV
-from core import slurm_dev
-from core.devstack import wait_for_port
 from core.settings import Settings
 from tests.conftest import TESTS, eventually, free_port
 
@@ -99,7 +99,7 @@ def slurm_settings(database_url: str, slurm_root: Path, slurm_config_file: Path)
 
 @pytest.fixture(scope="package")
 def slurm_controllers(slurm_settings: Settings):
-    from api.app import load_controllers
+    from app.controllers import load_controllers
 
     return load_controllers(slurm_settings)
 
@@ -116,7 +116,7 @@ def slurm_env(temporal_env, settings: Settings) -> dict[str, str]:
 
 def start_uws(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "core.cli", command], env=env,
+        return subprocess.Popen([sys.executable, "-m", "app.cli", command], env=env,
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core import slurm_dev
+from app import slurm_dev
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,7 @@ def test_cluster_for_resource_settings() -> None:
 
 def test_status_of_a_cluster_that_never_ran(tmp_path: Path) -> None:
     env = {"UWS_SLURM_DEV_DIR": str(tmp_path / "none"), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "core.cli", "slurm-dev", "status"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "app.cli", "slurm-dev", "status"], cwd=ROOT,
                           env=env, capture_output=True, text=True)
     assert done.returncode == 1, done.stderr
     assert done.stdout.split("\n")[:4] == [f"{d}: stopped" for d in slurm_dev.DAEMONS]

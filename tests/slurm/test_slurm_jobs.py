@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core import slurm_dev
+from app import slurm_dev
 from db.tables import Workspace
 from tests.conftest import eventually
 from tests.slurm.conftest import job_of, record_history, slurm_jobs_named, start_job, wait_job

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core import slurm_dev
+from app import slurm_dev
 from tests.conftest import eventually
 from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, print_6_times_7
 from tests.slurm.conftest import (

@@ -37,7 +37,7 @@ def login_link(settings, server_url: str, username: str) -> str:
     env = {**os.environ, "UWS_DATABASE_URL": settings.database_url,
            "UWS_CONFIG": str(TEST_CONFIG), "UWS_DATA_DIR": str(settings.data_dir)}
     done = subprocess.run(
-        [sys.executable, "-m", "core.cli", "login-link", username, "--email",
+        [sys.executable, "-m", "app.cli", "login-link", username, "--email",
          f"{username}@example.org", "--base-url", server_url],
         cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -177,7 +177,7 @@ async def test_sign_in_workspace_session_stop_and_share(
 
 async def test_refused_starts_show_the_servers_message(browser, settings, server_url) -> None:
     from db import quotas
-    from db.browser_sessions import user_id_named
+    from db.accounts import user_id_named
 
     user = f"carol{secrets.token_hex(3)}"
     context, page = await signed_in_page(browser, settings, server_url, user)

@@ -129,7 +129,7 @@ def test_cli_reports_config_error(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.toml"
     bad.write_text('api_user_authentication = "x"\n')
-    proc = subprocess.run([sys.executable, "-m", "core.cli", "api"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "api"], capture_output=True,
                           text=True, env={"UWS_CONFIG": str(bad), "PATH": "/usr/bin:/bin",
                                           "UWS_DATABASE_URL": "postgresql:///unused"},
                           cwd=ROOT, timeout=60)
@@ -167,7 +167,7 @@ def test_cli_stops_on_single_user(tmp_path: Path) -> None:
 
     bad = tmp_path / "old.toml"
     bad.write_text(tomli_w.dumps(_with_auth_details(single_user=True)))
-    proc = subprocess.run([sys.executable, "-m", "core.cli", "api"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "api"], capture_output=True,
                           text=True, env={"UWS_CONFIG": str(bad), "PATH": "/usr/bin:/bin",
                                           "UWS_DATABASE_URL": "postgresql:///unused",
                                           "UWS_DATA_DIR": str(tmp_path / "data")},
@@ -277,7 +277,7 @@ def test_cli_reports_a_missing_secret_file(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "core.cli", "api"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "api"], capture_output=True,
                           text=True, cwd=ROOT, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "UWS_DATABASE_URL": "postgresql:///x",
                                "UWS_SECRET_KEY_FILE": str(tmp_path / "gone")})

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from core import cli
+from app import cli
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES
 
@@ -78,7 +78,7 @@ def _mounts(service: dict[str, Any]) -> dict[str, str]:
 
 
 def _cli_subcommands() -> set[str]:
-    """The subcommands of the parser ``core.cli.main`` builds, taken as it parses."""
+    """The subcommands of the parser ``app.cli.main`` builds, taken as it parses."""
 
     class Captured(Exception):
         pass
@@ -302,6 +302,7 @@ def test_startup_order(compose: dict[str, Any]) -> None:
 
 def test_api_healthcheck_is_the_status_route(compose: dict[str, Any], tmp_path: Path) -> None:
     from api.app import create_app
+    from app.controllers import load_controllers
 
     api = _service(compose, "api")
     test = " ".join(_argv(api["healthcheck"]["test"]))
@@ -310,7 +311,8 @@ def test_api_healthcheck_is_the_status_route(compose: dict[str, Any], tmp_path: 
     assert url.hostname == "127.0.0.1"
     assert url.port == int(_env(api)["UWS_PORT"])
     assert url.path == "/status/"  # with the slash: no 301 from AppendSlash
-    app = create_app(Settings(config=ROOT / "config.toml", data_dir=tmp_path))
+    settings = Settings(config=ROOT / "config.toml", data_dir=tmp_path)
+    app = create_app(settings, controllers=load_controllers(settings))
     get_routes = {route.path for route in app.app.routes
                   if "GET" in getattr(route, "methods", ())}
     assert url.path.rstrip("/") in get_routes
@@ -366,7 +368,7 @@ def test_dockerfile_entrypoint_is_the_uws_script() -> None:
     runtime = _dockerfile_stages()[-1]
     entrypoint = json.loads(_instructions(runtime, "ENTRYPOINT")[-1])
     assert entrypoint == ["uws"]
-    assert PYPROJECT["project"]["scripts"]["uws"] == "core.cli:main"
+    assert PYPROJECT["project"]["scripts"]["uws"] == "app.cli:main"
     command = json.loads(_instructions(runtime, "CMD")[-1])
     assert command[0] in _cli_subcommands()
 

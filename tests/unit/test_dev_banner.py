@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import tomllib
 
+from app.dev_banner import banner
 from core.config import parse_config
-from core.dev_banner import banner
 from tests.conftest import TESTS
 
 

@@ -1,4 +1,4 @@
-"""``ReadConnections`` against the real PostgreSQL: bounded, fair, and it survives failed
+"""``LeasedConnections`` against the real PostgreSQL: bounded, fair, and it survives failed
 and cancelled statements without leaking connections."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from db.read_connections import ReadConnections
+from db.connections import LeasedConnections
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ async def pool(database_url: str):
 
 
 async def test_many_concurrent_reads_share_a_few_connections(pool) -> None:
-    readers = ReadConnections(pool, size=3)
+    readers = LeasedConnections(pool, size=3)
     results = await asyncio.gather(*(readers.fetchrow("SELECT $1::int AS n", i)
                                      for i in range(200)))
     assert [r["n"] for r in results] == list(range(200))
@@ -29,7 +29,7 @@ async def test_many_concurrent_reads_share_a_few_connections(pool) -> None:
 
 
 async def test_failed_statement_gives_the_connection_back(pool) -> None:
-    readers = ReadConnections(pool, size=2)
+    readers = LeasedConnections(pool, size=2)
     with pytest.raises(asyncpg.UndefinedTableError):
         await readers.fetch("SELECT * FROM no_such_table")
     assert readers.open_count == 0
@@ -38,7 +38,7 @@ async def test_failed_statement_gives_the_connection_back(pool) -> None:
 
 
 async def test_cancelled_statements_do_not_leak(pool) -> None:
-    readers = ReadConnections(pool, size=2)
+    readers = LeasedConnections(pool, size=2)
     slow = [asyncio.create_task(readers.fetch("SELECT pg_sleep(5)")) for _ in range(5)]
     await asyncio.sleep(0.3)  # two run, three wait for a connection
     for task in slow:

@@ -70,10 +70,11 @@ def test_json_logs_keep_litestar_off_the_root_logger(tmp_path: Path) -> None:
     # Litestar's default logging config replaces the root handler: text mode keeps it,
     # JSON mode must not let it turn the API's lines back into text.
     from api.app import create_app
+    from app.controllers import load_controllers
 
     def litestar(log_format: str) -> Any:
         settings = Settings(config=TEST_CONFIG, data_dir=tmp_path, log_format=log_format)
-        return create_app(settings).app
+        return create_app(settings, controllers=load_controllers(settings)).app
 
     assert litestar("json").logging_config is None
     assert litestar("text").logging_config is not None

@@ -6,14 +6,14 @@ import secrets
 
 import pytest
 
-from core.login_link import UnknownUser, login_link
+from app.login_link import UnknownUser, login_link
 from tests.unit.test_dev_banner import _api_auth
 
 
 async def test_no_account_is_made_outside_the_identity_provider(database_url, engine) -> None:
     import dataclasses
 
-    from db.browser_sessions import user_id_named
+    from db.accounts import user_id_named
 
     auth = _api_auth("identity-oidc-jwt.toml")
     controllers = dataclasses.make_dataclass("C", ["api_auth"])(auth)

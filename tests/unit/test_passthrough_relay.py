@@ -32,14 +32,13 @@ import uvicorn
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from api import passthrough_relay
-from api.passthrough_relay import PassthroughRelay, Upstream
+from api.passthrough import NOT_ANSWERING, PassthroughRelay, Upstream, http_pool
+from api.passthrough.upstream import upstream_authority
 
 HOST = "127.0.0.1"
 BASE = "/passthrough/h/1/"
 MIB = 1024 * 1024
 BLOCK = secrets.token_bytes(64 * 1024)
-NOT_ANSWERING = passthrough_relay.NOT_ANSWERING
 KERNEL_PROTOCOL = "v1.kernel.websocket.jupyter.org"
 
 Scope = dict[str, Any]
@@ -413,7 +412,7 @@ async def test_chunked_and_empty_responses(client: httpx.AsyncClient) -> None:
 
 async def test_upstream_connections_reused_then_closed_when_idle(
         env: Env, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(passthrough_relay, "KEEPALIVE_S", 0.3)
+    monkeypatch.setattr(http_pool, "KEEPALIVE_S", 0.3)
     relay = PassthroughRelay()
     env.routes["fresh"] = (relay, Upstream(HOST, env.upstream_port))
     url = "/passthrough/fresh/1/echo"
@@ -671,7 +670,7 @@ def test_unix_upstream_is_hashable_and_absolute() -> None:
         "/run/uws/1/jupyter.sock", 1000)
     assert one == same and hash(one) == hash(same) and len({one, same}) == 1
     assert one != Upstream.unix("/run/uws/1/jupyter.sock", 1001)
-    assert passthrough_relay.upstream_authority(one) == "localhost"
+    assert upstream_authority(one) == "localhost"
     with pytest.raises(ValueError, match="absolute"):
         Upstream.unix("jupyter.sock", 1000)
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import controllers.storage.local_fs as local_fs
 from controllers.base import CopyProgress, ExternalAccount
 from controllers.errors import BackendError
-from controllers.storage.local_fs import LocalFileSystemStorage
+from controllers.storage.local_fs import LocalFileSystemStorage, copy_engine, copy_entries
 
 Tree = dict[str, tuple[object, ...]]
 
@@ -185,7 +184,7 @@ async def test_full_copy_equals_source(
     monkeypatch: pytest.MonkeyPatch,
     threads: int,
 ) -> None:
-    monkeypatch.setattr(local_fs, "COPY_THREADS", threads)
+    monkeypatch.setattr(copy_engine, "COPY_THREADS", threads)
     reports: list[CopyProgress] = []
     result = await storage.copy_workspace(
         str(source), str(target), account, progress=reports.append
@@ -262,7 +261,7 @@ async def test_nothing_behind_a_symlink_is_read(
         opened.append((st.st_dev, st.st_ino))
         return fd
 
-    monkeypatch.setattr(local_fs.os, "open", recording_open)
+    monkeypatch.setattr(copy_engine.os, "open", recording_open)
     result = await storage.copy_workspace(str(source), str(target), account)
     monkeypatch.undo()
 
@@ -329,7 +328,7 @@ async def test_resume_after_a_crash_at_every_entry(
 ) -> None:
     """For each possible crash point: the resumed copy is complete and identical, nothing
     copied before the crash is copied again (same inode), no temporary file remains."""
-    monkeypatch.setattr(local_fs, "COPY_CHUNK_ENTRIES", chunk)
+    monkeypatch.setattr(copy_engine, "COPY_CHUNK_ENTRIES", chunk)
     expected = expected_copy(source)
     order = walk_order(expected)
     for crash_at in range(1, len(order)):
@@ -378,7 +377,7 @@ async def test_stray_temp_files_from_a_crash_inside_a_file_are_removed(
     target: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(local_fs, "COPY_CHUNK_ENTRIES", 1)
+    monkeypatch.setattr(copy_engine, "COPY_CHUNK_ENTRIES", 1)
     seen: list[CopyProgress] = []
     with pytest.raises(Crash):
         await storage.copy_workspace(
@@ -404,7 +403,7 @@ async def test_failure_inside_a_file_leaves_no_partial_file(
     target: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_copy = local_fs._copy_data
+    real_copy = copy_entries._copy_data
 
     def failing_copy(src: int, dst: int) -> int:
         if os.fstat(src).st_size == 200_000:
@@ -412,7 +411,7 @@ async def test_failure_inside_a_file_leaves_no_partial_file(
             raise OSError(28, "No space left on device")
         return real_copy(src, dst)
 
-    monkeypatch.setattr(local_fs, "_copy_data", failing_copy)
+    monkeypatch.setattr(copy_entries, "_copy_data", failing_copy)
     with pytest.raises(BackendError):
         await storage.copy_workspace(str(source), str(target), account)
     assert not os.path.lexists(target / "a" / "b" / "deep.bin")
@@ -430,7 +429,7 @@ async def test_changed_source_resumes_from_the_start_without_recopying(
     target: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(local_fs, "COPY_CHUNK_ENTRIES", 1)
+    monkeypatch.setattr(copy_engine, "COPY_CHUNK_ENTRIES", 1)
     seen: list[CopyProgress] = []
     with pytest.raises(Crash):
         await storage.copy_workspace(
@@ -462,7 +461,7 @@ async def test_cancelled_copy_closes_cleanly_and_resumes(
     target: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(local_fs, "COPY_CHUNK_ENTRIES", 1)
+    monkeypatch.setattr(copy_engine, "COPY_CHUNK_ENTRIES", 1)
     seen: list[CopyProgress] = []
     tasks: list[asyncio.Task[CopyProgress]] = []
 

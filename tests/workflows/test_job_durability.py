@@ -18,6 +18,7 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
 
+from app.worker import build_worker
 from controllers.base import LaunchRequest, WorkspaceScan
 from controllers.errors import BackendError, InvalidRequest
 from controllers.resources.local import LocalResource
@@ -28,7 +29,6 @@ from db.tables import Job
 from tests.conftest import TEST_CONFIG, eventually
 from tests.replay.recording import maybe_record
 from tests.workflows.test_job_workflow import _job, _swap_resource
-from worker import build_worker
 from workflows.job import JobWorkflow
 from workflows.models import ExtendRequest, JobContinuation, JobInput, JobRunState, StopRequest
 
@@ -68,13 +68,13 @@ class LostAfterLaunchResource(LocalResource):
 # A worker process with LostAfterLaunchResource as its main resource.
 LOST_WORKER = """
 import asyncio
-from api.app import load_controllers
+from app.controllers import load_controllers
 from core.settings import get_settings
 from core.temporal import connect
 from db.engine import open_engine
 from tests.workflows.test_job_durability import LostAfterLaunchResource
 from tests.workflows.test_job_workflow import _swap_resource
-from worker import build_worker
+from app.worker import build_worker
 
 async def main():
     settings = get_settings()

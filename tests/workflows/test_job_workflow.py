@@ -19,6 +19,7 @@ import pytest
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 
+from app.worker import build_worker
 from controllers.base import JobContext, JobState, LaunchRequest, UserInfo
 from controllers.job_types.local_test import LocalTestJob
 from controllers.resources.local import LocalResource
@@ -26,7 +27,6 @@ from db.accounts import account_of, upsert_user
 from db.tables import Job, Workspace
 from tests.conftest import eventually
 from tests.replay.recording import maybe_record
-from worker import build_worker
 from workflows.job import JobWorkflow
 from workflows.models import JobContinuation, JobInput, JobRunState, StopRequest
 

@@ -28,14 +28,14 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from activities.failure_policy import FailurePolicyInterceptor
 from activities.workspaces import WorkspaceActivities
 from api.workflow_ops import request_scan
+from app.schedules import RECONCILE_SCHEDULE, USAGE_SCHEDULE, ensure_schedules
+from app.worker import WORKFLOWS, activities_for, build_worker
 from controllers.base import UserInfo
-from core.schedules import RECONCILE_SCHEDULE, USAGE_SCHEDULE, ensure_schedules
 from core.settings import Settings
 from db import quotas
 from db.accounts import account_of, upsert_user
 from db.tables import Job, UserQuota, Workspace
 from tests.replay.recording import maybe_record
-from worker import WORKFLOWS, activities_for, build_worker
 from workflows import workspace_scan
 from workflows.models import (
     ScanRequest,

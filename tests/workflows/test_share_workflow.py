@@ -11,13 +11,13 @@ from pathlib import Path
 
 from temporalio.client import Client
 
+from app.worker import build_worker
 from controllers.base import ExternalAccount, FileSpec, SymlinkSpec, UserInfo
 from controllers.storage.local_fs import LocalFileSystemStorage
 from db.accounts import upsert_user
 from db.tables import SharedWorkspaceMapping, Workspace
 from tests.conftest import dataset_dir, eventually
 from tests.replay.recording import maybe_record
-from worker import build_worker
 from workflows.models import ShareInput
 from workflows.share import ShareWorkspaceWorkflow
 

@@ -7,13 +7,13 @@ import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from app.schedules import RECONCILE_SCHEDULE, USAGE_SCHEDULE, ensure_schedules
+from app.worker import build_worker
 from controllers.base import UserInfo
-from core.schedules import RECONCILE_SCHEDULE, USAGE_SCHEDULE, ensure_schedules
 from db import quotas
 from db.accounts import upsert_user
 from db.tables import Job, UserQuota, Workspace
 from tests.conftest import eventually
-from worker import build_worker
 
 
 async def test_schedules_reconcile_orphans_and_recompute_usage(
@@ -81,7 +81,7 @@ async def test_rescan_goes_on_past_a_workspace_it_cannot_scan(
         storage_name="removed_storage", disk_space=9)).returning(Workspace.id))
     activities = UpkeepActivities(controllers, temporal_env.client)
     scanned = await ActivityEnvironment().run(activities.rescan_all_workspaces, UpkeepInput())
-    assert scanned >= 1
+    assert scanned.workspaces >= 1
     row = await Workspace.select(Workspace.disk_space).where(Workspace.id == good).first()
     assert row["disk_space"] >= 4096
     for ws, stored in ((outside[0]["id"], 7), (unknown[0]["id"], 9)):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from temporalio.client import Client
 
+from app.worker import build_worker
 from controllers.base import UserInfo
 from db.accounts import upsert_user
 from db.tables import Workspace
 from tests.replay.recording import maybe_record
-from worker import build_worker
 from workflows.models import DeleteWorkspaceInput
 from workflows.workspace_delete import DeleteWorkspaceWorkflow
 

@@ -43,7 +43,7 @@ from controllers.base import (
     PluginSettings,
     SessionEndpoint,
 )
-from controllers.errors import BackendError, InvalidRequest
+from controllers.errors import BackendError
 from controllers.resources.local.launcher import (
     DEFAULT_PATH,
     SUPERVISOR,
@@ -52,6 +52,7 @@ from controllers.resources.local.launcher import (
 )
 from controllers.resources.local.procfs import is_alive, kill_group_if_ours, kill_if_ours
 from controllers.resources.session_dir import SESSION_SOCKET, SESSION_TOKEN, make_session_dir
+from core.status import ResourceStatus
 
 log = logging.getLogger(__name__)
 
@@ -240,15 +241,7 @@ class LocalResource(ComputeResource):
         return uid, gid, True
 
     def _num_cpus(self, options: Mapping[str, Any]) -> int:
-        key = self.parameter_mapping.get("num_cpus", "num_cpus")
-        value = options.get(key, 1)
-        try:
-            cpus = int(value)
-        except (TypeError, ValueError):
-            raise InvalidRequest(f"{key} must be a whole number, not {value!r}.") from None
-        if cpus < 1:
-            raise InvalidRequest(f"{key} must be at least 1.")
-        return cpus
+        return self.whole_option(options, "num_cpus", 1) or 1
 
     def _environment(self, request: LaunchRequest) -> dict[str, str]:
         account = request.account
@@ -317,26 +310,27 @@ class LocalResource(ComputeResource):
         return await asyncio.to_thread(self._state, handle)
 
     def _state(self, handle: Mapping[str, Any]) -> JobState:
-        if "state_dir" not in handle:  # launched before supervised jobs existed
-            return JobState(status="failed", detail="launched by an older version of uws")
+        if not handle.get("state_dir"):  # launched before supervised jobs existed
+            return JobState(status=ResourceStatus.failed,
+                            detail="launched by an older version of uws")
         ended_path = Path(handle["state_dir"]) / ENDED
         ended = _read_json(ended_path)
         if ended is None:
             if is_alive(int(handle["supervisor_pid"]), handle.get("supervisor_ticks")):
-                return self._job_state(handle, "running")
+                return self._job_state(handle, ResourceStatus.running)
             ended = _read_json(ended_path)  # written just before the supervisor exits
         if ended is None:
             # The supervisor was killed: make sure nothing of the job goes on without it.
             kill_group_if_ours(int(handle["pgid"]), handle.get("job_ticks"), signal.SIGKILL)
             self._remove_session_dir(int(handle["job_id"]))
-            return self._job_state(handle, "failed",
+            return self._job_state(handle, ResourceStatus.failed,
                                    "the job's supervisor ended without recording its end")
         self._remove_session_dir(int(handle["job_id"]))
         code, end = int(ended.get("code", 127)), float(ended.get("ended_at", time.time()))
         if code == 0:
-            return self._job_state(handle, "complete", exit_code=0, end=end)
+            return self._job_state(handle, ResourceStatus.complete, exit_code=0, end=end)
         detail = str(ended.get("detail") or f"exit code {code}")
-        return self._job_state(handle, "failed", detail, exit_code=code, end=end)
+        return self._job_state(handle, ResourceStatus.failed, detail, exit_code=code, end=end)
 
     def _job_state(self, handle: Mapping[str, Any], status: str, detail: str = "", *,
                    exit_code: int | None = None, end: float | None = None) -> JobState:
@@ -350,7 +344,7 @@ class LocalResource(ComputeResource):
 
     # ``timeout`` is the name the ComputeResource contract gives this parameter.
     async def wait(self, handle: Mapping[str, Any], timeout: float) -> JobState:
-        if "supervisor_pid" in handle:
+        if handle.get("supervisor_pid"):
             await _wait_exit(int(handle["supervisor_pid"]), handle.get("supervisor_ticks"),
                              timeout)
         return await self.poll(handle)
@@ -358,7 +352,7 @@ class LocalResource(ComputeResource):
     # stop --------------------------------------------------------------------------------
 
     async def stop(self, handle: Mapping[str, Any], grace_seconds: float) -> None:
-        if "state_dir" not in handle:
+        if not handle.get("state_dir"):
             return
         state = Path(handle["state_dir"])
         supervisor, ticks = int(handle["supervisor_pid"]), handle.get("supervisor_ticks")

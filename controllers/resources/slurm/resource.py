@@ -48,6 +48,7 @@ from controllers.resources.slurm.adapter import (
 from controllers.resources.slurm.sessions import SessionDirs
 from controllers.resources.slurm.tokens import TokenSource
 from controllers.resources.slurm.v0_0_38 import AdapterV0038
+from core.status import ENDED_RESOURCE_STATUSES, ResourceStatus
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,11 @@ def job_state(job: SlurmJob, now: float) -> JobState:
         # Slurm requeued it after its node failed or it was preempted (JobRequeue=1, the
         # default; v0.0.38 ignores a submission's "requeue": false). The run we watched is
         # gone: it ends failed, and is cancelled rather than run again behind our back.
-        return JobState(status="failed", detail=f"Slurm job {job.job_id} was requeued by "
-                        "Slurm (its node failed or it was preempted)", **common)
+        return JobState(status=ResourceStatus.failed,
+                        detail=f"Slurm job {job.job_id} was requeued by Slurm (its node "
+                        "failed or it was preempted)", **common)
     if job.state in PENDING_STATES:
-        return JobState(status="pending", detail=reason, **common)
+        return JobState(status=ResourceStatus.pending, detail=reason, **common)
     if job.state in RUNNING_STATES:
         details: dict[str, Any] = {"slurm_job_id": job.job_id, "slurm_state": job.state}
         if job.time_limit_min is not None and job.start_time:
@@ -141,18 +143,21 @@ def job_state(job: SlurmJob, now: float) -> JobState:
             details.update(time_limit_min=job.time_limit_min, projected_end_epoch=projected,
                            start_epoch=job.start_time,
                            time_left_seconds=max(0, int(projected - now)))
-        return JobState(status="running", detail=reason, details=details, **common)
+        return JobState(status=ResourceStatus.running, detail=reason, details=details, **common)
     code, meaning = decode_exit(job.exit_code)
     if job.state == "COMPLETED":
-        return JobState(status="complete", exit_code=code if code is not None else 0, **common)
+        return JobState(status=ResourceStatus.complete,
+                        exit_code=code if code is not None else 0, **common)
     if job.state in FAILED_STATES:
         parts = [f"Slurm job {job.job_id} {job.state}"]
         if reason:
             parts.append(f"reason {reason}")
         if meaning:
             parts.append(meaning)
-        return JobState(status="failed", detail=", ".join(parts), exit_code=code, **common)
-    return JobState(status="unknown", detail=f"Slurm job {job.job_id} in state {job.state}")
+        return JobState(status=ResourceStatus.failed, detail=", ".join(parts), exit_code=code,
+                        **common)
+    return JobState(status=ResourceStatus.unknown,
+                    detail=f"Slurm job {job.job_id} in state {job.state}")
 
 
 def raised_limit(limit_min: int, start_epoch: float, deadline_epoch: float) -> int | None:
@@ -286,12 +291,12 @@ class SlurmResource(ComputeResource):
 
     def _spec(self, request: LaunchRequest, name: str) -> SubmitSpec:
         opts = request.resource_options
-        cpus = self._int_option(opts, "num_cpus", 1)
-        memory = self._int_option(opts, "memory_mb", None)
+        cpus = self.whole_option(opts, "num_cpus", 1)
+        memory = self.whole_option(opts, "memory_mb", None)
         gpu = bool(opts.get(self.parameter_mapping.get("gpu_enabled", "gpu_enabled")))
         limit = request.time_limit_min
         if limit is None:
-            limit = self._int_option(opts, "time_limit_min", None)
+            limit = self.whole_option(opts, "time_limit_min", None)
         script = request.script
         if not script.startswith("#!"):
             # Without one, Slurm accepts the job and it fails with "Exec format error".
@@ -308,20 +313,6 @@ class SlurmResource(ComputeResource):
             standard_output=os.path.join(request.workdir, JOB_LOG),
         )
 
-    def _int_option(self, opts: Mapping[str, Any], canonical: str,
-                    default: int | None) -> int | None:
-        key = self.parameter_mapping.get(canonical, canonical)
-        value = opts.get(key)
-        if value is None:
-            return default
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise InvalidRequest(f"{key} must be a whole number, not {value!r}.") from None
-        if number < 1:
-            raise InvalidRequest(f"{key} must be at least 1.")
-        return number
-
     # --- poll / wait -----------------------------------------------------------------
 
     async def poll(self, handle: Mapping[str, Any]) -> JobState:
@@ -330,18 +321,20 @@ class SlurmResource(ComputeResource):
             body = await self._call("GET", self.adapter.job_path(slurm_id), user)
         except SlurmApiError as err:
             if INVALID_JOB_ID in err.numbers:
-                return JobState(status="unknown",
+                return JobState(status=ResourceStatus.unknown,
                                 detail=f"Slurm no longer knows job {slurm_id} (purged?)")
-            return JobState(status="unknown", detail=str(err)[:300])
+            return JobState(status=ResourceStatus.unknown, detail=str(err)[:300])
         except (httpx.HTTPError, OSError, RuntimeError) as err:
-            return JobState(status="unknown", detail=f"slurmrestd unreachable: {err!r:.200}")
+            return JobState(status=ResourceStatus.unknown,
+                            detail=f"slurmrestd unreachable: {err!r:.200}")
         jobs = [j for j in self.adapter.parse_jobs(body) if j.job_id == slurm_id]
         if not jobs:
-            return JobState(status="unknown", detail=f"Slurm returned no record of {slurm_id}")
+            return JobState(status=ResourceStatus.unknown,
+                            detail=f"Slurm returned no record of {slurm_id}")
         state = job_state(jobs[0], time.time())
         if jobs[0].restart_count and jobs[0].state not in FAILED_STATES | {"COMPLETED"}:
             await self._cancel_requeued(slurm_id, user)
-        if state.status in ("complete", "failed"):
+        if state.status in ENDED_RESOURCE_STATUSES:
             await self._forget_session(handle)
         return state
 
@@ -361,7 +354,7 @@ class SlurmResource(ComputeResource):
         deadline = loop.time() + timeout
         first = await self.poll(handle)
         state = first
-        while state.status not in ("complete", "failed"):
+        while state.status not in ENDED_RESOURCE_STATUSES:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -418,11 +411,11 @@ class SlurmResource(ComputeResource):
                     grace_seconds: float) -> None:
         slurm_id = int(handle["id"])
         state = await self.poll(handle)
-        if state.status in ("complete", "failed"):
+        if state.status in ENDED_RESOURCE_STATUSES:
             return
         # Slurm refuses to signal a job that has not started ("Job can not be altered
         # now"): a pending job is cancelled at once, there is nothing to end gracefully.
-        if state.status == "pending" or grace_seconds <= 0:
+        if state.status == ResourceStatus.pending or grace_seconds <= 0:
             await self._delete(path, user, None)
             return
         try:
@@ -435,7 +428,7 @@ class SlurmResource(ComputeResource):
         deadline = loop.time() + grace_seconds
         while loop.time() < deadline:
             state = await self.poll(handle)
-            if state.status in ("complete", "failed"):
+            if state.status in ENDED_RESOURCE_STATUSES:
                 return
             await asyncio.sleep(self.s.stop_poll_seconds)
         await self._delete(path, user, None)

@@ -27,16 +27,18 @@ from api.auth import HEADER, user_from_header
 from api.errors import NotAuthenticated
 from api.ids import parse_id
 from api.metrics import count_relayed
-from api.passthrough_relay import Upstream
-from api.passthrough_tickets import (
+from api.passthrough.tickets import (
     TICKET_PARAM,
     cookie_name,
     make_cookie,
     read_cookie,
     read_ticket,
 )
-from db import reads
-from db.queries import as_json
+from api.passthrough.upstream import Upstream
+from core.status import JobStatus
+from db import accounts
+from db import jobs as job_rows
+from db.sql import as_json
 
 _HEADER_BYTES = HEADER.encode()
 STARTING = "This session is still starting. Try again in a moment."
@@ -117,11 +119,10 @@ async def _session_owner(scope: Scope, state: Any, job_id: int) -> tuple[int | N
 
 
 async def _upstream(user_id: int, job_id: int, hostname: str) -> Upstream:
-    row = await reads.fetchrow('SELECT "user", status, job_details FROM uws_job WHERE id = $1',
-                               job_id)
+    row = await job_rows.session_of(job_id)
     if row is None or row["user"] != user_id:
         raise Denied(404, "No such session.")  # someone else's job looks like no job
-    if row["status"] != "running":
+    if row["status"] != JobStatus.running:
         raise Denied(403, f"This session has ended (its job is {row['status']}).")
     details = as_json(row["job_details"])
     current = details.get("current_job_details") if isinstance(details, dict) else None
@@ -197,7 +198,7 @@ async def _deny(scope: Scope, receive: Receive, send: Send, denied: Denied) -> N
 async def _exchange_ticket(scope: Scope, send: Send, state: Any, job_id: int, user_id: int,
                            nonce: str) -> None:
     """Spend the ticket, set the cookie, and send the browser to the same URL without it."""
-    if not await reads.spend_ticket(nonce, state.settings.ticket_seconds):
+    if not await accounts.spend_link_ticket(nonce, state.settings.ticket_seconds):
         raise Denied(403, "This session link was already used. Open the session again from "
                           "your workspaces page.")
     query = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"),

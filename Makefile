@@ -24,15 +24,20 @@ $(PROVIDER)/node_modules/.installed: $(PROVIDER)/package-lock.json
 	  npm ci --prefix $(PROVIDER) --no-audit --no-fund --silent && touch $@; \
 	else echo "npm not found: the real OpenID provider tests will be skipped"; fi
 
+# Lint, the layers' import rules (tools/import_map.py), the type checker, then the tests.
 test: $(STAMP) $(PROVIDER)/node_modules/.installed
 	$(BIN)/ruff check .
+	$(BIN)/python tools/import_map.py
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python tools/import_map.py
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 
 from temporalio import activity
 
+from core.background import running
+
 
 @contextlib.asynccontextmanager
 async def heartbeating(every: float = 10.0) -> AsyncIterator[None]:
@@ -23,10 +25,5 @@ async def heartbeating(every: float = 10.0) -> AsyncIterator[None]:
             activity.heartbeat()
             await asyncio.sleep(every)
 
-    task = asyncio.create_task(beat())
-    try:
+    async with running(beat()):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

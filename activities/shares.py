@@ -40,6 +40,8 @@ def _name(first: str, last: str, fallback: str) -> str:
 
 
 class ShareActivities(ShareSteps):
+    """A share's copy, its invitation, and its copy's status (``ShareWorkspaceWorkflow``)."""
+
     def __init__(self, controllers: Controllers) -> None:
         self._c = controllers
 

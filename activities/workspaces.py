@@ -18,11 +18,16 @@ from workflows.steps import WorkspaceSteps
 
 
 class WorkspaceActivities(WorkspaceSteps):
+    """A workspace's removal (its directory, then its row), the error status of one that
+    could not be removed, and a workspace's rescan."""
+
     def __init__(self, controllers: Controllers) -> None:
         self._controllers = controllers
 
     @activity.defn
     async def delete_workspace_directory(self, ref: WorkspaceRef) -> Removal:
+        """Remove the directory; a storage that refuses (a path outside its root) fails
+        for good, never retried."""
         row = await workspaces.location(ref.workspace_id)
         if row is None:
             return Removal(removed=False)  # already gone: a retry after the row was removed

@@ -43,6 +43,8 @@ class ApiError(Exception):
 
 
 class BadRequest(ApiError):
+    """The request cannot be done as sent; the message says why."""
+
     status_code = HTTP_400_BAD_REQUEST
 
 
@@ -51,6 +53,9 @@ class NotAuthenticated(ApiError):
 
 
 class PermissionDenied(ApiError):
+    """Who asked may not do this (a personal server's stranger, a wrong group); the
+    contract's 403."""
+
     status_code = HTTP_403_FORBIDDEN
 
 
@@ -59,6 +64,8 @@ class NotFound(ApiError):
 
 
 class Unprocessable(ApiError):
+    """Well-formed, but its values break the configured rules (resource options)."""
+
     status_code = HTTP_422_UNPROCESSABLE_ENTITY
 
 
@@ -67,6 +74,9 @@ class ServerError(ApiError):
 
 
 class ServiceUnavailable(ApiError):
+    """Something we depend on (Temporal, the database, a provider) cannot answer now:
+    the client may try again, and nothing was changed."""
+
     status_code = HTTP_503_SERVICE_UNAVAILABLE
 
 

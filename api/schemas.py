@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+# The statuses as the OpenAPI document spells them out, value by value (core/status.py has
+# the enums the code uses; tests/contract/test_openapi_document.py holds the two equal).
 WorkspaceStatus = Literal["initializing", "idle", "active", "deleting", "error"]
 JobStatus = Literal["pending", "running", "stopping", "complete", "failed"]
 

@@ -23,15 +23,19 @@ def raw_json(value: Any) -> Any:
     return value if value is not None else {}
 
 
+def _columns(row: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: row[name] for name in names}
+
+
+def _times(row: Any, names: tuple[str, ...]) -> dict[str, str | None]:
+    return {name: iso(row[name]) for name in names}
+
+
 def workspace_json(row: Any) -> dict[str, Any]:
     return {
-        "id": row["id"],
-        "name": row["name"],
-        "description": row["description"],
-        "disk_space": row["disk_space"],
-        "datetime_created": iso(row["datetime_created"]),
-        "datetime_last_modified": iso(row["datetime_last_modified"]),
-        "datetime_last_job_launch": iso(row["datetime_last_job_launch"]),
+        **_columns(row, ("id", "name", "description", "disk_space")),
+        **_times(row, ("datetime_created", "datetime_last_modified",
+                       "datetime_last_job_launch")),
         "workspace_details": {
             "request_workspace_details": raw_json(row["request_workspace_details"]),
             "current_workspace_details": raw_json(row["current_workspace_details"]),
@@ -71,12 +75,8 @@ def job_json(row: dict[str, Any], origin: str | None = None) -> dict[str, Any]:
     return {
         "id": row["id"],
         "workspace_id": row["workspace"],
-        "resource_job_id": row["resource_job_id"],
-        "job_type": row["job_type"],
-        "status": row["status"],
-        "datetime_created": iso(row["datetime_created"]),
-        "datetime_start": iso(row["datetime_start"]),
-        "datetime_end": iso(row["datetime_end"]),
+        **_columns(row, ("resource_job_id", "job_type", "status")),
+        **_times(row, ("datetime_created", "datetime_start", "datetime_end")),
         "core_hours": row["core_hours"],
         "job_details": details,
     }

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,25 +20,20 @@ from core.logging_setup import configure_logging
 from core.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
+    from app.stack import UwsStack
     from controllers.registry import Controllers
 
 log = logging.getLogger("uws")
 
 DEV_CLIENT = "uws-dev-client"
+DEV_TEMPORAL_PORT = 7233  # the Temporal CLI's default: its own commands find it there
 
 
-def _database_url(settings: Settings) -> str:
-    """The configured database, or the embedded one (started if needed); exported so
-    that everything imported later sees it."""
-    if settings.database_url:
-        url = settings.database_url
-    else:
-        from app.devstack import embedded_database_url
+def resolve_database_url(settings: Settings) -> str:
+    # Imported late: the embedded database's module pulls in the Temporal SDK.
+    from app.dev_database import resolve_database_url as resolve
 
-        url = embedded_database_url(Path(settings.data_dir))
-        settings.database_url = url
-    os.environ["UWS_DATABASE_URL"] = url
-    return url
+    return resolve(settings)
 
 
 async def _migrate(url: str) -> None:
@@ -68,7 +62,7 @@ def cmd_login_link(settings: Settings, args: argparse.Namespace) -> int:
 
     base = args.base_url or f"http://{settings.host}:{settings.port}"
     try:
-        print(asyncio.run(login_link(_database_url(settings), load_controllers(settings),
+        print(asyncio.run(login_link(resolve_database_url(settings), load_controllers(settings),
                                      args.username, email=args.email, base_url=base,
                                      minutes=settings.login_link_minutes)))
     except UnknownUser as err:
@@ -95,13 +89,13 @@ def _dev_sign_in_link(settings: Settings, controllers: Any, url: str) -> tuple[s
 
 
 def cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
-    asyncio.run(_migrate(_database_url(settings)))
+    asyncio.run(_migrate(resolve_database_url(settings)))
     print("migrations applied", file=sys.stderr)
     return 0
 
 
 def cmd_create_client_token(settings: Settings, args: argparse.Namespace) -> int:
-    url = _database_url(settings)
+    url = resolve_database_url(settings)
     asyncio.run(_migrate(url))
     print(asyncio.run(_client_token(url, args.name)))
     return 0
@@ -110,7 +104,7 @@ def cmd_create_client_token(settings: Settings, args: argparse.Namespace) -> int
 def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
     from app.worker import run_worker
 
-    _database_url(settings)
+    resolve_database_url(settings)
     asyncio.run(run_worker(settings))
     return 0
 
@@ -150,7 +144,7 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     from app.controllers import load_controllers
     from core.temporal import connect
 
-    _database_url(settings)
+    resolve_database_url(settings)
     # config.toml is validated before anything listens.
     app = create_app(settings, controllers=load_controllers(settings))
     # Certificates, keys and the server's answer are checked before anything listens too
@@ -163,9 +157,9 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     """Everything on this machine: embedded PostgreSQL, Temporal dev server, worker, API."""
-    from app import devstack
     from app.controllers import load_controllers
     from app.dev_banner import banner
+    from app.stack import HOST, UwsStack, port_open
     from core.data_dir import prepare_data_dir
 
     controllers = load_controllers(settings)  # a config error stops us before anything starts
@@ -174,38 +168,30 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
                             "yours: name it (the dev server `uws dev` starts is plaintext)")
     _start_slurm_if_main(controllers)
     data_dir = prepare_data_dir(Path(settings.data_dir).resolve())  # 0711, state 0600
-    url = _database_url(settings)
+    url = resolve_database_url(settings)
     asyncio.run(_migrate(url))
     token = asyncio.run(_client_token(url, DEV_CLIENT))
     page_user, page_link = _dev_sign_in_link(settings, controllers, url)
 
-    children: list[subprocess.Popen[bytes]] = []
-    env = {**os.environ, "UWS_DATABASE_URL": url, "UWS_DATA_DIR": str(data_dir)}
+    if not settings.temporal_address and port_open(DEV_TEMPORAL_PORT):
+        raise SystemExit(f"port {DEV_TEMPORAL_PORT} is taken: is another `uws dev` running? "
+                         "(or set UWS_TEMPORAL_ADDRESS to use that server)")
+    # The worker's and the API's output is ours (the terminal); Temporal's goes to its log.
+    stack = UwsStack(env=dict(os.environ), database_url=url, data_dir=data_dir,
+                     temporal_address=settings.temporal_address or None,
+                     temporal_port=DEV_TEMPORAL_PORT, temporal_ui_port=settings.temporal_ui_port,
+                     namespace=settings.temporal_namespace, api_host=settings.host,
+                     api_ports=[settings.port])
     try:
-        if not settings.temporal_address:
-            host, port = "127.0.0.1", 7233
-            if devstack.port_in_use(host, port):
-                raise SystemExit(f"port {port} is taken: is another `uws dev` running? "
-                                 "(or set UWS_TEMPORAL_ADDRESS to use that server)")
-            children.append(devstack.start_temporal_dev_server(
-                data_dir, host=host, port=port, ui_port=settings.temporal_ui_port,
-                namespace=settings.temporal_namespace,
-            ))
-            env["UWS_TEMPORAL_ADDRESS"] = f"{host}:{port}"
-        uws = [sys.executable, "-m", "app.cli"]
-        children.append(subprocess.Popen([*uws, "worker"], env=env, start_new_session=True))
-        children.append(subprocess.Popen([*uws, "api"], env=env, start_new_session=True))
-        devstack.wait_for_port(settings.host, settings.port, timeout=60, proc=children[-1],
-                               what="API")
-        print(banner(method=controllers.api_auth, api=f"http://{settings.host}:{settings.port}",
-                     temporal_ui=f"http://127.0.0.1:{settings.temporal_ui_port}",
+        stack.start()
+        print(banner(method=controllers.api_auth, api=stack.api_url(),
+                     temporal_ui=f"http://{HOST}:{settings.temporal_ui_port}",
                      data_dir=str(data_dir), client_name=DEV_CLIENT, client_token=token,
                      page_user=page_user, page_link=page_link),
               flush=True)
-        _wait_for_interrupt(children)
+        _wait_for_interrupt(stack)
     finally:
-        for child in reversed(children):
-            devstack.stop_process(child)
+        stack.close()
     return 0
 
 
@@ -240,7 +226,7 @@ def _start_slurm_if_main(controllers: Controllers) -> None:
               file=sys.stderr)
 
 
-def _wait_for_interrupt(children: list[subprocess.Popen[bytes]]) -> None:
+def _wait_for_interrupt(stack: UwsStack) -> None:
     stop = False
 
     def on_signal(*_: object) -> None:
@@ -250,10 +236,9 @@ def _wait_for_interrupt(children: list[subprocess.Popen[bytes]]) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     while not stop:
-        for child in children:
-            if child.poll() is not None:
-                print(f"a child process ({' '.join(map(str, child.args[-1:]))}) exited "
-                      f"with code {child.returncode}; stopping", file=sys.stderr)
+        for child in stack.children():
+            if not child.alive:
+                print(f"{child.name} exited; stopping", file=sys.stderr)
                 return
         time.sleep(0.5)
 

@@ -78,17 +78,9 @@ class DevCluster:
     def jwt_key(self) -> Path:
         return self.state_dir / "etc" / "jwt_hs256.key"
 
-    @property
-    def munge_dir(self) -> Path:
-        return self.state_dir / "munge"
-
-    @property
-    def run_dir(self) -> Path:
-        return self.state_dir / "run"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.state_dir / "log"
+    def under(self, name: str) -> Path:
+        """One of the cluster's directories: ``munge``, ``run``, ``log``."""
+        return self.state_dir / name
 
     @property
     def rest_url(self) -> str:
@@ -100,8 +92,8 @@ class DevCluster:
 
     def pid_file(self, daemon: str) -> Path:
         if daemon == "munged":
-            return self.munge_dir / "munged.pid"
-        return self.run_dir / f"{daemon}.pid"
+            return self.under("munge") / "munged.pid"
+        return self.under('run') / f"{daemon}.pid"
 
 
 _BINARIES = {"munged": MUNGED, "slurmctld": SLURMCTLD, "slurmd": SLURMD,
@@ -183,10 +175,10 @@ def write_config(cluster: DevCluster) -> None:
     for sub in ("etc", "run", "spool"):
         _mkdir(s / sub, 0o755)
     (s / ".uws-slurm-dev").touch()
-    _mkdir(cluster.log_dir, 0o755, SLURM_USER)
+    _mkdir(cluster.under("log"), 0o755, SLURM_USER)
     _mkdir(s / "ctld", 0o700, SLURM_USER)
-    _mkdir(cluster.munge_dir, 0o755, "munge")  # o+x: clients reach the socket through it
-    _key(cluster.munge_dir / "munge.key", 1024, "munge", 0o400)
+    _mkdir(cluster.under("munge"), 0o755, "munge")  # o+x: clients reach the socket through it
+    _key(cluster.under("munge") / "munge.key", 1024, "munge", 0o400)
     _key(cluster.jwt_key, 32, SLURM_USER, 0o600)  # read by slurmctld; root mints tokens
 
     node = socket.gethostname().split(".")[0]
@@ -200,7 +192,7 @@ def write_config(cluster: DevCluster) -> None:
         f"SlurmUser={SLURM_USER}",
         "SlurmdUser=root",
         "AuthType=auth/munge",
-        f"AuthInfo=socket={cluster.munge_dir / 'munge.socket'}",
+        f"AuthInfo=socket={cluster.under('munge') / 'munge.socket'}",
         "CredType=cred/munge",
         "AuthAltTypes=auth/jwt",
         f"AuthAltParameters=jwt_key={cluster.jwt_key}",
@@ -208,8 +200,8 @@ def write_config(cluster: DevCluster) -> None:
         f"SlurmdSpoolDir={s / 'spool'}",
         f"SlurmctldPidFile={cluster.pid_file('slurmctld')}",
         f"SlurmdPidFile={cluster.pid_file('slurmd')}",
-        f"SlurmctldLogFile={cluster.log_dir / 'slurmctld.log'}",
-        f"SlurmdLogFile={cluster.log_dir / 'slurmd.log'}",
+        f"SlurmctldLogFile={cluster.under('log') / 'slurmctld.log'}",
+        f"SlurmdLogFile={cluster.under('log') / 'slurmd.log'}",
         "MailProg=/bin/true",
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
@@ -277,7 +269,7 @@ def _wait(what: str, check: Callable[[], bool], timeout: float, cluster: DevClus
     while not check():
         if time.monotonic() > deadline:
             raise SlurmDevError(f"timed out after {timeout:g}s waiting for {what} "
-                                f"(logs: {cluster.log_dir})")
+                                f"(logs: {cluster.under('log')})")
         time.sleep(0.1)
 
 
@@ -326,12 +318,12 @@ def start_daemon(cluster: DevCluster, daemon: str) -> None:
     if daemon_pid(cluster, daemon) is not None:
         return
     if daemon == "munged":
-        sock = cluster.munge_dir / "munge.socket"
+        sock = cluster.under("munge") / "munge.socket"
         subprocess.run(["runuser", "-u", "munge", "--", MUNGED, f"--socket={sock}",
-                        f"--key-file={cluster.munge_dir / 'munge.key'}",
+                        f"--key-file={cluster.under('munge') / 'munge.key'}",
                         f"--pid-file={cluster.pid_file('munged')}",
-                        f"--log-file={cluster.munge_dir / 'munged.log'}",
-                        f"--seed-file={cluster.munge_dir / 'munged.seed'}"], check=True)
+                        f"--log-file={cluster.under('munge') / 'munged.log'}",
+                        f"--seed-file={cluster.under('munge') / 'munged.seed'}"], check=True)
         _wait("munged", lambda: _quiet(["munge", "-S", str(sock), "-n"], cluster).returncode
               == 0, 10, cluster)
     elif daemon == "slurmctld":
@@ -359,7 +351,7 @@ def _need_port(port: int) -> None:
 
 def _start_rest(cluster: DevCluster) -> None:
     _need_port(cluster.rest_port)
-    log = (cluster.log_dir / "slurmrestd.log").open("ab")
+    log = (cluster.under("log") / "slurmrestd.log").open("ab")
     # slurmrestd refuses to run as root or SlurmUser: started as root, it drops to -u/-g
     # itself (so the pid is its own). SLURM_JWT=daemon: it passes the callers' tokens on.
     proc = subprocess.Popen(
@@ -375,7 +367,7 @@ def _start_rest(cluster: DevCluster) -> None:
     def up() -> bool:
         if proc.poll() is not None:
             raise SlurmDevError(f"slurmrestd exited with {proc.returncode}; see "
-                                f"{cluster.log_dir / 'slurmrestd.log'}")
+                                f"{cluster.under('log') / 'slurmrestd.log'}")
         return rest_ping_ok(cluster)
 
     _wait("slurmrestd ping", up, 30, cluster)

@@ -32,14 +32,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    # `python bench/copy_throughput.py` puts bench/, not the repository, on the path.
-    sys.path.insert(0, str(REPO))
-
-from bench.report import emit  # noqa: E402
-from controllers.base import CopyProgress, ExternalAccount  # noqa: E402
-from controllers.storage.local_fs import LocalFileSystemStorage, copy_engine  # noqa: E402
+try:  # `python bench/x.py`: bench/, not the repository, is on sys.path; harness adds it
+    import harness
+except ModuleNotFoundError:  # `python -m bench.x`
+    from bench import harness
+from controllers.base import CopyProgress, ExternalAccount
+from controllers.storage.local_fs import LocalFileSystemStorage, copy_engine
 
 MIN_FREE_BYTES = 4 << 30  # the source plus one copy at a time, with room to spare
 DIRS = 100
@@ -186,13 +184,13 @@ def summarise(runs: list[Run]) -> None:
         fps = sum(run.files_per_s for run in mine) / len(mine)
         means[method] = mb
         print(f"mean {method:6} {mb:8.1f} MB/s {fps:9.0f} files/s over {len(mine)} runs")
-        emit("copy_throughput", f"{method} copy", mb, "MB/s")
-        emit("copy_throughput", f"{method} copy files", fps, "files/s")
+        harness.emit("copy_throughput", f"{method} copy", mb, "MB/s")
+        harness.emit("copy_throughput", f"{method} copy files", fps, "files/s")
     print(
         f"ratio ours/cp (throughput): {means['ours'] / means['cp -a']:.2f}"
         f" (ours: {copy_engine.COPY_THREADS} copy threads)"
     )
-    emit("copy_throughput", "ours/cp MB/s", means["ours"] / means["cp -a"], "ratio")
+    harness.emit("copy_throughput", "ours/cp MB/s", means["ours"] / means["cp -a"], "ratio")
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,8 +1,8 @@
 """Job status latency over the ``/jobs/`` WebSocket, and what 200 running jobs cost.
 
-Starts its own PostgreSQL database, Temporal dev server, worker and API (the helpers of
-``bench.api_throughput``), with a copy of ``config.toml`` whose ``local_test_job`` sleeps
-1 s by default (each request sets ``duration_seconds`` anyway). Then, with one
+Starts its own PostgreSQL database, Temporal dev server, worker and API
+(``bench.harness.start_stack``), with a copy of ``config.toml`` whose ``local_test_job``
+sleeps 1 s by default (each request sets ``duration_seconds`` anyway). Then, with one
 ``/jobs/`` socket per user opened before the first start:
 
 1. ``--jobs`` LocalTestJobs of ``--duration`` s, started one after another ``--gap`` s
@@ -32,53 +32,29 @@ import contextlib
 import json
 import math
 import os
-import secrets
-import shutil
-import signal
 import sys
-import tempfile
 import time
-import tomllib
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    # `python bench/jobs_latency.py` puts bench/, not the repository, on the path.
-    sys.path.insert(0, str(REPO))
+import httpx
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
 
-import httpx  # noqa: E402
-import tomli_w  # noqa: E402
-from websockets.asyncio.client import ClientConnection  # noqa: E402
-from websockets.asyncio.client import connect as ws_connect  # noqa: E402
-
-from app.devstack import start_temporal_dev_server, stop_process  # noqa: E402
-from bench.api_throughput import (  # noqa: E402
-    HOST,
-    ApiServer,
-    _prepare_database,
-    _print_log_tails,
-    create_workspace,
-    database,
-    free_port,
-    print_machine,
-    run_with_cleanup,
-    start_child,
-    user_token,
-)
-from bench.report import emit, percentile  # noqa: E402
-from controllers.resources.local.procfs import is_alive  # noqa: E402
-from controllers.resources.local.resource import ENDED, STARTED  # noqa: E402
+try:  # `python bench/x.py`: bench/, not the repository, is on sys.path; harness adds it
+    import harness
+except ModuleNotFoundError:  # `python -m bench.x`
+    from bench import harness
+from app.stack import HOST
+from controllers.resources.local.resource import ENDED, STARTED
 
 try:
     import psutil
 except ImportError:  # not a dependency of the project: /proc says the same
     psutil = None
 
-JOB_TYPE = "local_test_job"
-CONFIG_DEFAULT_SECONDS = 1.0  # the config's default; every request overrides it
 USERS = 4  # phase 2 spreads jobs over users and workspaces so no one owner matters
 WORKSPACES_PER_USER = 2
 START_CONCURRENCY = 8  # start requests in flight at once in phase 2
@@ -95,110 +71,20 @@ TARGET_CORES = 0.5
 
 # --- set-up ---------------------------------------------------------------------------
 
-def write_config(path: Path) -> None:
-    """The repository's config with a short default duration for ``local_test_job``."""
-    config = tomllib.loads((REPO / "config.toml").read_text())
-    details = config["available_job_types"][JOB_TYPE]["environment_details"]
-    details.setdefault("local_resource", {})["duration_seconds"] = CONFIG_DEFAULT_SECONDS
-    path.write_text(tomli_w.dumps(config))
+Stack = harness.BenchStack
 
 
-@dataclass
-class User:
-    token: str
-    workspaces: list[int]
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"UWS-Authorization": f"Token {self.token}"}
-
-
-@dataclass
-class Stack:
-    api_port: int
-    data_dir: Path
-    worker_pid: int
-    temporal_pid: int
-    api_pid: int
-    users: list[User]
-
-
-def start_stack(tmp: Path, logs: Path, stack: contextlib.ExitStack) -> Stack:
-    url = stack.enter_context(database(tmp))
-    client_key = asyncio.run(_prepare_database(url, logs / "migrate.log"))
-    write_config(tmp / "config.toml")
-    (tmp / "constant.json").write_text("{}")  # bench.serve_api refuses to start without it
-
-    temporal_port = free_port()
-    temporal = start_temporal_dev_server(tmp / "temporal", host=HOST, port=temporal_port,
-                                         ui_port=free_port())
-    stack.callback(stop_process, temporal)
-    data_dir = traversable_data_dir(stack)
-    # Runs after the worker stopped: a job process left by an interrupted run dies too.
-    stack.callback(kill_leftover_jobs, data_dir)
-
-    api_port = free_port()
-    env = {**os.environ,
-           "UWS_DATABASE_URL": url, "UWS_TEMPORAL_ADDRESS": f"{HOST}:{temporal_port}",
-           "UWS_DATA_DIR": str(data_dir), "UWS_CONFIG": str(tmp / "config.toml"),
-           "UWS_TASK_QUEUE": f"uws-bench-{secrets.token_hex(4)}",
-           "UWS_HOST": HOST, "UWS_PORT": str(api_port),
-           "UWS_BENCH_CONSTANT_FILE": str(tmp / "constant.json")}
-    worker = start_child([sys.executable, "-m", "app.cli", "worker"], env, logs / "worker.log")
-    stack.callback(stop_process, worker)
-    api = ApiServer(env, api_port, logs / "serve_api.log")
-    stack.callback(api.stop)
-    api.start({})
-    assert api.proc is not None
-
-    users = []
-    for _ in range(USERS):
-        token = user_token(api_port, client_key)
-        auth = {"UWS-Authorization": f"Token {token}"}
-        users.append(User(token, [create_workspace(api_port, auth)
-                                  for _ in range(WORKSPACES_PER_USER)]))
-    return Stack(api_port, data_dir, worker.pid, temporal.pid, api.proc.pid, users)
-
-
-def traversable_data_dir(stack: contextlib.ExitStack) -> Path:
-    """A data dir the jobs' accounts can pass through (multi-user, as root, each job runs
-    as its owner's OS account, and the bench's temporary directory is 0700): the search
-    bit only, never the read bit, and apart from the bench's database and logs. The
-    server's own state below keeps its own modes. Removed when ``stack`` closes (after
-    callbacks registered later, such as ``kill_leftover_jobs``)."""
-    data_dir = Path(tempfile.mkdtemp(prefix="uws-bench-data-"))
-    data_dir.chmod(0o711)
-    stack.callback(shutil.rmtree, data_dir, True)
-    return data_dir
+def start_stack(tmp: Path, stack: contextlib.ExitStack) -> Stack:
+    """The stack with ``USERS`` users of ``WORKSPACES_PER_USER`` workspaces each, on the
+    local test job's config (``harness.local_test_config``)."""
+    config = harness.local_test_config(tmp / "config.toml")
+    return harness.start_stack(stack, tmp, config=config, users=USERS,
+                               workspaces_per_user=WORKSPACES_PER_USER)
 
 
 def state_dir(data_dir: Path, job_id: int) -> Path:
     """Where the local resource's supervisor records job ``job_id`` (server state)."""
     return data_dir / "local-jobs" / str(job_id)
-
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def kill_leftover_jobs(data_dir: Path) -> None:
-    """TERM the supervisor of every job under our data dir that has not ended (they are
-    detached, so stopping the worker leaves them alive); each stops its job's whole tree."""
-    for path in data_dir.glob(f"local-jobs/*/{STARTED}"):
-        if (path.parent / ENDED).exists():
-            continue
-        record = read_record(path)
-        if record is None:
-            continue
-        with contextlib.suppress(ValueError, TypeError, OSError):
-            pid, ticks = int(record["supervisor_pid"]), record.get("supervisor_ticks")
-            # Only our supervisor: the pid may have been reused since.
-            if is_alive(pid, ticks):
-                os.kill(pid, signal.SIGTERM)
 
 
 # --- events from the sockets ----------------------------------------------------------
@@ -244,7 +130,7 @@ async def listen(socket: ClientConnection, events: Events) -> None:
 
 
 @contextlib.asynccontextmanager
-async def sockets(port: int, users: list[User], events: Events) -> AsyncIterator[None]:
+async def sockets(port: int, users: list[harness.User], events: Events) -> AsyncIterator[None]:
     """One ``/jobs/`` socket per user, read into ``events`` until the block ends."""
     async with contextlib.AsyncExitStack() as stack:
         tasks = []
@@ -265,7 +151,7 @@ async def sockets(port: int, users: list[User], events: Events) -> AsyncIterator
 @dataclass
 class Job:
     id: int
-    user: User
+    user: harness.User
     workspace_id: int
     sent: float
     answered: float
@@ -277,9 +163,9 @@ class StartFailure:
     error: str
 
 
-async def start_job(client: httpx.AsyncClient, user: User, workspace_id: int,
+async def start_job(client: httpx.AsyncClient, user: harness.User, workspace_id: int,
                     seconds: float, time_limit_min: int) -> Job:
-    body = {"job_type": JOB_TYPE, "job_details": {"duration_seconds": seconds},
+    body = {"job_type": harness.JOB_TYPE, "job_details": {"duration_seconds": seconds},
             "resource_options": {"time_limit_min": time_limit_min}}
     sent = time.time()
     response = await client.put(f"/workspaces/{workspace_id}/start/", json=body,
@@ -297,7 +183,7 @@ def time_limit_for(seconds: float) -> int:
 
 def started_at(data_dir: Path, job: Job) -> float | None:
     """When the job's process started (``started.json``), by the supervisor's clock."""
-    record = read_record(state_dir(data_dir, job.id) / STARTED)
+    record = harness.read_record(state_dir(data_dir, job.id) / STARTED)
     # A supervisor that could not isolate the job records a start with no job (pid 0).
     if record is None or not record.get("job_pid"):
         return None
@@ -306,7 +192,7 @@ def started_at(data_dir: Path, job: Job) -> float | None:
 
 def ended_at(data_dir: Path, job: Job) -> float | None:
     """When the job's process exited (``ended.json``), by the supervisor's clock."""
-    record = read_record(state_dir(data_dir, job.id) / ENDED)
+    record = harness.read_record(state_dir(data_dir, job.id) / ENDED)
     return float(record["ended_at"]) if record is not None else None
 
 
@@ -337,7 +223,7 @@ class Series:
     target_p99: float | None = None
 
     def pct(self, p: float) -> float:
-        return percentile(self.values, p)
+        return harness.percentile(self.values, p)
 
 
 def series(label: str, jobs: list[Job], value: Callable[[Job], float | None],
@@ -408,8 +294,8 @@ def print_table(rows: list[Series]) -> None:
         missing = f"  ({row.missing} missing)" if row.missing else ""
         print(f"{row.label:<40} {len(row.values):>4} {p50:7.3f} {p99:7.3f} "
               f"{max(row.values):7.3f}  {target}{missing}")
-        emit("jobs_latency", f"{name} p50", p50, "s")
-        emit("jobs_latency", f"{name} p99", p99, "s")
+        harness.emit("jobs_latency", f"{name} p50", p50, "s")
+        harness.emit("jobs_latency", f"{name} p99", p99, "s")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -478,7 +364,7 @@ class CpuMeter:
     """Average cores used by our processes (and the whole machine) since ``__init__``."""
 
     def __init__(self, st: Stack) -> None:
-        self.pids = {"worker": st.worker_pid, "temporal": st.temporal_pid, "api": st.api_pid}
+        self.pids = st.pids()
         self.before = {k: cpu_seconds(p) for k, p in self.pids.items()}
         self.busy_before, self.t0 = machine_busy_seconds(), time.monotonic()
 
@@ -549,7 +435,7 @@ def print_cpu(rows: list[tuple[str, CpuReport]], hold_hint: float) -> None:
                 ("met" if both < TARGET_CORES else "MISSED")
         print(f"{label:<40} {cpu.seconds:5.1f} {c['worker']:7.3f} {c['temporal']:8.3f} "
               f"{both:6.3f} {c['api']:6.3f} {c['machine']:8.3f}{verdict}")
-        emit("jobs_latency", f"cores worker+temporal ({label})", both, "cores")
+        harness.emit("jobs_latency", f"cores worker+temporal ({label})", both, "cores")
     if rows[-1][1].shortened:
         print("(steady-state window shortened: the first jobs were about to exit; "
               f"rerun with --hold above {hold_hint:.0f} for the whole window)")
@@ -560,7 +446,7 @@ def print_cpu(rows: list[tuple[str, CpuReport]], hold_hint: float) -> None:
 def print_starts(result: dict[str, Any], requested: int) -> None:
     jobs, seconds = result["jobs"], result["start_seconds"]
     round_trips = Series("", [j.answered - j.sent for j in jobs])
-    emit("jobs_latency", "start endpoint", requested / seconds, "req/s")
+    harness.emit("jobs_latency", "start endpoint", requested / seconds, "req/s")
     print(f"\nstart endpoint: {requested} requests ({START_CONCURRENCY} in flight) in "
           f"{seconds:.2f}s = {requested / seconds:.1f} req/s; {len(jobs)} accepted, "
           f"{len(result['failures'])} refused", end="")
@@ -622,27 +508,21 @@ async def measure(st: Stack, args: argparse.Namespace) -> int:
     if conc is not None:
         print_outcome("concurrent", conc["jobs"], conc["not_complete"], conc["not_listed"])
         failed += len(conc["not_complete"]) + len(conc["not_listed"]) + len(conc["failures"])
-    emit("jobs_latency", "jobs not completed", failed, "count")
+    harness.emit("jobs_latency", "jobs not completed", failed, "count")
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 1 if failed or conc is None else 0
 
 
 def run(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> int:
-    logs = tmp / "logs"
-    logs.mkdir()
-    try:
-        began = time.monotonic()
-        st = start_stack(tmp, logs, stack)
-        print(f"stack up in {time.monotonic() - began:.1f}s (psutil: "
-              f"{'yes' if psutil is not None else 'no, /proc'})", flush=True)
-        status = asyncio.run(measure(st, args))
-        if status:
-            _print_log_tails(logs)  # why jobs did not complete is in there
-        return status
-    except Exception:
-        _print_log_tails(logs)
-        raise
+    began = time.monotonic()
+    st = start_stack(tmp, stack)
+    print(f"stack up in {time.monotonic() - began:.1f}s (psutil: "
+          f"{'yes' if psutil is not None else 'no, /proc'})", flush=True)
+    status = asyncio.run(measure(st, args))
+    if status:
+        harness.print_log_tails(st.logs)  # why jobs did not complete is in there
+    return status
 
 
 def parse_args() -> argparse.Namespace:
@@ -656,17 +536,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hold", type=float, default=60.0,
                         help="seconds each concurrent job sleeps")
     parser.add_argument("--window", type=float, default=30.0, help="CPU sampling seconds")
-    args = parser.parse_args()
-    if args.jobs < 1 or args.concurrent < 1:
-        parser.error("--jobs and --concurrent must be at least 1")
-    return args
-
-
-def main() -> int:
-    args = parse_args()
-    print_machine()
-    return run_with_cleanup(run, args)
+    return harness.checked_args(parser, at_least_one=("--jobs", "--concurrent"))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run_bench(run, parse_args))

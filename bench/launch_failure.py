@@ -14,17 +14,17 @@ steps its socket showed.
   ``shell = "/nonexistent/shell"``. The supervisor's exec fails, the job's process never
   exists, the job ends failed with "could not start the job: ...".
 - ``slurm``, "the resource refuses the submission for good": a single-node Slurm
-  cluster (``core/slurm_dev.py``, as ``bench/slurm_latency.py`` starts it) behind
+  cluster (``app/slurm_dev.py``, ``bench.harness.slurm_cluster``) behind
   ``tests/data/slurm-config.toml`` with ``partition = "no-such-partition"``. Slurm refuses
   the submit, the worker's failure policy (``activities/failure_policy.py``) makes that
   non-retryable, the workflow ends the job failed with "Slurm refused the job: ...".
   Skipped, with one line, when Slurm is not installed.
 
 Each case starts (and stops) its own PostgreSQL database, Temporal dev server, worker
-and API (the helpers of ``bench.api_throughput``). Prints one line per job, then a
-table (case, N, p50, max, reason); with ``UWS_BENCH_JSON`` set, appends the figures as
-JSON lines. Exits 1 if any job does not end failed within ``--timeout`` s (60), 2 when
-not root (the bench users are real OS accounts).
+and API (``bench.harness.start_stack``). Prints one line per job, then a table (case, N,
+p50, max, reason); with ``UWS_BENCH_JSON`` set, appends the figures as JSON lines. Exits
+1 if any job does not end failed within ``--timeout`` s (60), 2 when not root (the bench
+users are real OS accounts).
 
     .venv/bin/python bench/launch_failure.py [--jobs 10] [--timeout 60] [--only local,slurm]
 """
@@ -36,9 +36,6 @@ import asyncio
 import contextlib
 import json
 import os
-import pwd
-import secrets
-import subprocess
 import sys
 import time
 import tomllib
@@ -47,32 +44,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    # `python bench/launch_failure.py` puts bench/, not the repository, on the path.
-    sys.path.insert(0, str(REPO))
+import httpx
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
-import httpx  # noqa: E402
-import tomli_w  # noqa: E402
-from websockets.asyncio.client import connect as ws_connect  # noqa: E402
-from websockets.exceptions import ConnectionClosed  # noqa: E402
-
-from app import slurm_dev  # noqa: E402
-from app.devstack import start_temporal_dev_server, stop_process  # noqa: E402
-from bench.api_throughput import (  # noqa: E402
-    HOST,
-    ApiServer,
-    _print_log_tails,
-    call_json,
-    create_workspace,
-    database,
-    free_port,
-    print_machine,
-    run_with_cleanup,
-    start_child,
-)
-from bench.jobs_latency import kill_leftover_jobs, traversable_data_dir  # noqa: E402
-from bench.report import emit, percentile  # noqa: E402
+try:  # `python bench/x.py`: bench/, not the repository, is on sys.path; harness adds it
+    import harness
+except ModuleNotFoundError:  # `python -m bench.x`
+    from bench import harness
+from app import slurm_dev
+from app.stack import HOST
 
 BENCH = "launch_failure"
 ACCOUNT_COMMENT = "uws-bench"
@@ -85,38 +66,30 @@ TIME_LIMIT_MIN = 5  # reserves little quota; no job here ever runs
 
 # --- the two cases --------------------------------------------------------------------
 
-def local_config(path: Path, _tmp: Path, _stack: contextlib.ExitStack) -> None:
-    config = tomllib.loads((REPO / "tests" / "data" / "test-config.toml").read_text())
+def local_config(path: Path, _stack: contextlib.ExitStack) -> None:
+    config = tomllib.loads((harness.REPO / "tests" / "data" / "test-config.toml").read_text())
     auth = config["available_user_authentication"]["local_auth"]["connection_details"]
     auth["useradd_args"] = USERADD_ARGS
     resource = config["available_resources"]["local_resource"]["connection_details"]
     resource["shell"] = MISSING_SHELL
-    path.write_text(tomli_w.dumps(config))
+    harness.write_toml(path, config)
 
 
-def slurm_config(path: Path, tmp: Path, stack: contextlib.ExitStack) -> None:
-    """Start the cluster (as ``bench/slurm_latency.py`` does), then its config."""
-    for directory in (tmp.parent, tmp):  # the cluster's own users reach its state dir
-        os.chmod(directory, 0o755)
-    cluster = slurm_dev.DevCluster(
-        state_dir=tmp / "slurm", rest_port=free_port(), ctld_port=free_port(),
-        slurmd_port=free_port(), cpus=4)
-    stack.callback(slurm_dev.stop, cluster)
-    slurm_dev.start(cluster, install_missing=False)
-    config = tomllib.loads((REPO / "tests" / "data" / "slurm-config.toml").read_text())
+def slurm_config(path: Path, stack: contextlib.ExitStack) -> None:
+    """Start the cluster, then its config."""
+    config = harness.slurm_config(harness.slurm_cluster(stack))
     auth = config["available_user_authentication"]["local_auth"]["connection_details"]
     auth["useradd_args"] = USERADD_ARGS
     resource = config["available_resources"]["slurm_resource"]["connection_details"]
-    resource.update(url=cluster.rest_url, jwt_key_file=str(cluster.jwt_key),
-                    partition=MISSING_PARTITION)
-    path.write_text(tomli_w.dumps(config))
+    resource["partition"] = MISSING_PARTITION
+    harness.write_toml(path, config)
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
     label: str
-    configure: Callable[[Path, Path, contextlib.ExitStack], None]
+    configure: Callable[[Path, contextlib.ExitStack], None]
     body: dict[str, Any]
     # Without the failure policy: what the same failure would do instead.
     without_policy: str
@@ -143,31 +116,6 @@ CASES = {
 
 # --- the stack ------------------------------------------------------------------------
 
-def remove_account(name: str) -> None:
-    """``userdel`` the bench's own account (only one carrying the bench's comment)."""
-    try:
-        if pwd.getpwnam(name).pw_gecos != ACCOUNT_COMMENT:
-            return
-    except KeyError:
-        return  # never created
-    done = subprocess.run(["userdel", "--remove", name], capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"userdel {name} failed: {done.stderr.strip()}", file=sys.stderr)
-
-
-def prepare_database(url: str, log: Path) -> str:
-    """``_prepare_database`` in a fresh interpreter: Piccolo keeps the first database a
-    process migrated, so the second case would migrate the first case's (dropped) one."""
-    code = ("import asyncio, sys; from pathlib import Path; "
-            "from bench.api_throughput import _prepare_database; "
-            "print(asyncio.run(_prepare_database(sys.argv[1], Path(sys.argv[2]))))")
-    done = subprocess.run([sys.executable, "-c", code, url, str(log)], cwd=REPO,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"migrating {url} failed:\n{done.stderr[-2000:]}")
-    return done.stdout.strip().splitlines()[-1]
-
-
 @dataclass
 class Stack:
     api_port: int
@@ -178,42 +126,12 @@ class Stack:
 
 def start_stack(case: Case, tmp: Path, logs: Path, stack: contextlib.ExitStack) -> Stack:
     config_path = tmp / "config.toml"
-    case.configure(config_path, tmp, stack)
-    url = stack.enter_context(database(tmp))
-    client_key = prepare_database(url, logs / "migrate.log")
-    (tmp / "constant.json").write_text("{}")  # bench.serve_api refuses to start without it
-    temporal_port = free_port()
-    temporal = start_temporal_dev_server(tmp / "temporal", host=HOST, port=temporal_port,
-                                         ui_port=free_port())
-    stack.callback(stop_process, temporal)
-    # The jobs' accounts pass through it (search bit only), apart from the database.
-    data_dir = traversable_data_dir(stack)
-    stack.callback(kill_leftover_jobs, data_dir)  # after the worker stopped
-    api_port = free_port()
-    env = {**os.environ, "UWS_DATABASE_URL": url,
-           "UWS_TEMPORAL_ADDRESS": f"{HOST}:{temporal_port}",
-           "UWS_DATA_DIR": str(data_dir), "UWS_CONFIG": str(config_path),
-           "UWS_TASK_QUEUE": f"uws-bench-{secrets.token_hex(4)}",
-           "UWS_HOST": HOST, "UWS_PORT": str(api_port),
-           "UWS_BENCH_CONSTANT_FILE": str(tmp / "constant.json")}
-    worker = start_child([sys.executable, "-m", "app.cli", "worker"], env,
-                         logs / "worker.log")
-    stack.callback(stop_process, worker)
-    api = ApiServer(env, api_port, logs / "serve_api.log")
-    stack.callback(api.stop)
-    api.start({})
-
-    username = f"uwsbench{secrets.token_hex(4)}"
-    stack.callback(remove_account, username)  # registered first: it may exist half-made
+    case.configure(config_path, stack)
+    st = harness.start_stack(stack, tmp, config=config_path, logs=logs)
     # POST /tokens/ creates the OS account that runs the jobs (create_external_users).
-    token = call_json(api_port, "POST", "/tokens/", {
-        "client_token": client_key,
-        "user_info": {"username": username, "email": f"{username}@example.org"},
-    })["token"]
-    auth = {"UWS-Authorization": f"Token {token}"}
-    workspace_id = create_workspace(api_port, auth)
-    wait_startable(api_port, workspace_id, auth)
-    return Stack(api_port, token, workspace_id, username)
+    user = st.new_user(workspaces=1)
+    wait_startable(st.api_port, user.workspaces[0], user.auth)
+    return Stack(st.api_port, user.token, user.workspaces[0], user.name)
 
 
 def wait_startable(port: int, workspace_id: int, auth: dict[str, str],
@@ -221,7 +139,7 @@ def wait_startable(port: int, workspace_id: int, auth: dict[str, str],
     deadline = time.monotonic() + timeout
     status = "?"
     while time.monotonic() < deadline:
-        reply = call_json(port, "GET", f"/workspaces/{workspace_id}/", headers=auth)
+        reply = harness.call_json(port, "GET", f"/workspaces/{workspace_id}/", headers=auth)
         status = reply["data"]["workspaces"][0]["status"]
         if status in ("idle", "active"):
             return
@@ -312,26 +230,20 @@ async def measure(case: Case, st: Stack, jobs: int, timeout: float) -> Result:
     return Result(case, outcomes, warm_up)
 
 
-def run_case(case: Case, args: argparse.Namespace, tmp: Path) -> Result:
-    logs = tmp / "logs"
-    logs.mkdir()
+def run_case(case: Case, args: argparse.Namespace, tmp: Path, logs: Path) -> Result:
     with contextlib.ExitStack() as stack:
-        try:
-            began = time.monotonic()
-            st = start_stack(case, tmp, logs, stack)
-            print(f"\n{case.name}: {case.label}; stack up in {time.monotonic() - began:.1f}s; "
-                  f"user {st.username}", flush=True)
-            return asyncio.run(measure(case, st, args.jobs, args.timeout))
-        except Exception:
-            _print_log_tails(logs)
-            raise
+        began = time.monotonic()
+        st = start_stack(case, tmp, logs, stack)
+        print(f"\n{case.name}: {case.label}; stack up in {time.monotonic() - began:.1f}s; "
+              f"user {st.username}", flush=True)
+        return asyncio.run(measure(case, st, args.jobs, args.timeout))
 
 
 def report(results: list[Result], skipped: dict[str, str], jobs: int) -> None:
     print(f"\n{'case':<6} {'N':>3} {'p50 s':>7} {'max s':>7}  reason")
     for result in results:
         times = [o.seconds for o in result.outcomes if o.seconds is not None]
-        p50 = percentile(times, 50) if times else float("nan")
+        p50 = harness.percentile(times, 50) if times else float("nan")
         worst = max(times) if times else float("nan")
         if len(times) < jobs:
             worst = float("nan")  # a job that never failed has no time: no max either
@@ -340,9 +252,9 @@ def report(results: list[Result], skipped: dict[str, str], jobs: int) -> None:
               f"{reasons[0] if reasons else ''}")
         for extra in reasons[1:]:
             print(f"{'':<26}{extra}")
-        emit(BENCH, f"{result.case.name} start -> failed p50", p50, "s")
-        emit(BENCH, f"{result.case.name} start -> failed max", worst, "s")
-        emit(BENCH, f"{result.case.name} jobs not failed", jobs - len(times), "count")
+        harness.emit(BENCH, f"{result.case.name} start -> failed p50", p50, "s")
+        harness.emit(BENCH, f"{result.case.name} start -> failed max", worst, "s")
+        harness.emit(BENCH, f"{result.case.name} jobs not failed", jobs - len(times), "count")
     for name, why in skipped.items():
         print(f"{name:<6} skipped: {why}")
     print("\nwithout the failure policy:")
@@ -363,7 +275,7 @@ def run(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> int
         case_dir = tmp / name
         case_dir.mkdir()
         # One case's stack is stopped before the next one's starts.
-        results.append(run_case(CASES[name], args, case_dir))
+        results.append(run_case(CASES[name], args, case_dir, tmp / "logs" / name))
     report(results, skipped, args.jobs)
     failed = [r.case.name for r in results if not r.ok or len(r.outcomes) < args.jobs]
     if failed:
@@ -378,9 +290,7 @@ def parse_args() -> argparse.Namespace:
                         help="seconds a job has to end failed")
     parser.add_argument("--only", default=",".join(CASES),
                         help=f"comma-separated cases ({', '.join(CASES)})")
-    args = parser.parse_args()
-    if args.jobs < 1:
-        parser.error("--jobs must be at least 1")
+    args = harness.checked_args(parser, at_least_one=("--jobs",))
     args.only = [n for n in args.only.split(",") if n]
     unknown = set(args.only) - set(CASES)
     if unknown or not args.only:
@@ -393,8 +303,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root: every bench user is a real OS account (useradd)", file=sys.stderr)
         return 2
-    print_machine()
-    return run_with_cleanup(run, args)
+    harness.print_machine()
+    return harness.run_with_cleanup(run, args)
 
 
 if __name__ == "__main__":

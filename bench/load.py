@@ -1,7 +1,7 @@
 """Many users at once: errors, lost status events and latency per endpoint.
 
-Starts its own PostgreSQL database, Temporal dev server, worker and API (the helpers of
-``bench.api_throughput`` and ``bench.jobs_latency``). Then ``--users`` simulated users
+Starts its own PostgreSQL database, Temporal dev server, worker and API
+(``bench.harness.start_stack``, on the local test job's config). Then ``--users`` simulated users
 (asyncio + httpx + websockets), each with its own ``/jobs/`` WebSocket, for ``--duration``
 seconds create workspaces, upload files, start LocalTestJobs of 1-3 s, stop some of them,
 read their jobs and workspaces, and delete idle workspaces, with a short think time
@@ -31,34 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    # `python bench/load.py` puts bench/, not the repository, on the path.
-    sys.path.insert(0, str(REPO))
+import httpx
+from websockets.asyncio.client import connect as ws_connect
 
-import httpx  # noqa: E402
-from websockets.asyncio.client import connect as ws_connect  # noqa: E402
-
-from app.devstack import start_temporal_dev_server, stop_process  # noqa: E402
-from bench.api_throughput import (  # noqa: E402
-    HOST,
-    ApiServer,
-    _prepare_database,
-    _print_log_tails,
-    database,
-    free_port,
-    print_machine,
-    run_with_cleanup,
-    start_child,
-    user_token,
-)
-from bench.jobs_latency import (  # noqa: E402
-    JOB_TYPE,
-    kill_leftover_jobs,
-    traversable_data_dir,
-    write_config,
-)
-from bench.report import emit, percentile  # noqa: E402
+try:  # `python bench/x.py`: bench/, not the repository, is on sys.path; harness adds it
+    import harness
+except ModuleNotFoundError:  # `python -m bench.x`
+    from bench import harness
+from app.stack import HOST
 
 TERMINAL = ("complete", "failed")
 MAX_WORKSPACES = 3  # per user; past it an idle one is deleted
@@ -144,7 +124,7 @@ async def listen(sim: Sim, port: int, ready: asyncio.Event) -> None:
 async def create_workspace(client: httpx.AsyncClient, stats: Stats, sim: Sim) -> None:
     n = secrets.token_hex(3)
     response = await call(client, stats, sim, "POST", "/workspaces/", "/workspaces/", json={
-        "name": f"load-{n}", "description": "load test", "default_job_type": JOB_TYPE,
+        "name": f"load-{n}", "description": "load test", "default_job_type": harness.JOB_TYPE,
         "workspace_details": {"files": [{"name": "notes/readme.txt", "content": "hello"}]}})
     if response is not None:
         sim.workspaces.append(response.json()["data"]["workspace"]["id"])
@@ -174,7 +154,7 @@ async def start_job(client: httpx.AsyncClient, stats: Stats, sim: Sim) -> None:
     wid = sim.rng.choice(sim.workspaces)
     response = await call(client, stats, sim, "PUT", "/workspaces/{id}/start/",
                           f"/workspaces/{wid}/start/", json={
-                              "job_type": JOB_TYPE,
+                              "job_type": harness.JOB_TYPE,
                               "job_details": {"duration_seconds": sim.rng.uniform(1, 3)},
                               "resource_options": {"time_limit_min": 5}})
     if response is not None:
@@ -259,10 +239,10 @@ def report(stats: Stats, sims: list[Sim], lost: list[str], seconds: float) -> No
     print(f"\n{'endpoint':<32} {'n':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for label in sorted(stats.latency):
         values = stats.latency[label]
-        p50, p99 = percentile(values, 50), percentile(values, 99)
+        p50, p99 = harness.percentile(values, 50), harness.percentile(values, 99)
         print(f"{label:<32} {len(values):6d} {p50:8.1f} {p99:8.1f}")
-        emit("load", f"{label} p50", round(p50, 2), "ms")
-        emit("load", f"{label} p99", round(p99, 2), "ms")
+        harness.emit("load", f"{label} p50", round(p50, 2), "ms")
+        harness.emit("load", f"{label} p99", round(p99, 2), "ms")
     jobs = sum(len(s.jobs) for s in sims)
     print(f"\n{total} requests in {seconds:.0f}s ({total / seconds:.1f} req/s) by {len(sims)} "
           f"users; {jobs} jobs; {stats.races} answers that raced a job's end (not errors)")
@@ -272,10 +252,10 @@ def report(stats: Stats, sims: list[Sim], lost: list[str], seconds: float) -> No
     print(f"lost status events: {len(lost)} of {jobs} jobs")
     for line in lost[:30]:
         print(f"  {line}")
-    emit("load", "requests per second", round(total / seconds, 1), "req/s")
-    emit("load", "jobs", jobs, "count")
-    emit("load", "errors", len(stats.errors), "count")
-    emit("load", "lost status events", len(lost), "count")
+    harness.emit("load", "requests per second", round(total / seconds, 1), "req/s")
+    harness.emit("load", "jobs", jobs, "count")
+    harness.emit("load", "errors", len(stats.errors), "count")
+    harness.emit("load", "lost status events", len(lost), "count")
 
 
 async def drive(port: int, tokens: list[str], args: argparse.Namespace) -> int:
@@ -303,41 +283,13 @@ async def drive(port: int, tokens: list[str], args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> int:
-    logs = tmp / "logs"
-    logs.mkdir()
-    try:
-        url = stack.enter_context(database(tmp))
-        client_key = asyncio.run(_prepare_database(url, logs / "migrate.log"))
-        write_config(tmp / "config.toml")
-        (tmp / "constant.json").write_text("{}")  # bench.serve_api needs it
-        temporal_port = free_port()
-        temporal = start_temporal_dev_server(tmp / "temporal", host=HOST, port=temporal_port,
-                                             ui_port=free_port())
-        stack.callback(stop_process, temporal)
-        data_dir = traversable_data_dir(stack)  # the jobs' accounts pass through it
-        stack.callback(kill_leftover_jobs, data_dir)  # runs after the worker stopped
-        port = free_port()
-        env = {**os.environ,
-               "UWS_DATABASE_URL": url, "UWS_TEMPORAL_ADDRESS": f"{HOST}:{temporal_port}",
-               "UWS_DATA_DIR": str(data_dir), "UWS_CONFIG": str(tmp / "config.toml"),
-               "UWS_TASK_QUEUE": f"uws-load-{secrets.token_hex(4)}",
-               "UWS_HOST": HOST, "UWS_PORT": str(port),
-               "UWS_BENCH_CONSTANT_FILE": str(tmp / "constant.json")}
-        worker = start_child([sys.executable, "-m", "app.cli", "worker"], env,
-                             logs / "worker.log")
-        stack.callback(stop_process, worker)
-        api = ApiServer(env, port, logs / "serve_api.log")
-        stack.callback(api.stop)
-        api.start({})
-        tokens = [user_token(port, client_key) for _ in range(args.users)]
-        print(f"stack up; {args.users} users for {args.duration:g}s", flush=True)
-        status = asyncio.run(drive(port, tokens, args))
-        if status:
-            _print_log_tails(logs)
-        return status
-    except Exception:
-        _print_log_tails(logs)
-        raise
+    st = harness.start_stack(stack, tmp, config=harness.local_test_config(tmp / "config.toml"),
+                             users=args.users)
+    print(f"stack up; {args.users} users for {args.duration:g}s", flush=True)
+    status = asyncio.run(drive(st.api_port, [user.token for user in st.users], args))
+    if status:
+        harness.print_log_tails(st.logs)
+    return status
 
 
 def parse_args() -> argparse.Namespace:
@@ -345,17 +297,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=50, help="simulated users")
     parser.add_argument("--duration", type=float, default=300.0, help="seconds of load")
     parser.add_argument("--seed", type=int, default=7, help="seed of the users' choices")
-    args = parser.parse_args()
-    if args.users < 1 or args.duration <= 0:
-        parser.error("--users must be at least 1 and --duration positive")
-    return args
-
-
-def main() -> int:
-    args = parse_args()
-    print_machine()
-    return run_with_cleanup(run, args)
+    return harness.checked_args(parser, at_least_one=("--users",), positive=("--duration",))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run_bench(run, parse_args))

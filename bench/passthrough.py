@@ -35,16 +35,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-try:
-    from bench.report import emit, percentile
-except ModuleNotFoundError:  # run as a script: bench/ is first on sys.path
-    from report import emit, percentile  # type: ignore[no-redef]
+try:  # `python bench/x.py`: bench/, not the repository, is on sys.path; harness adds it
+    import harness
+except ModuleNotFoundError:  # `python -m bench.x`
+    from bench import harness
+from app.stack import HOST, Child, free_port
 
-HOST = "127.0.0.1"
-REPO = Path(__file__).resolve().parent.parent
 BASE = "/passthrough/h/1/"
 SMALL_BODY = b'{"success": true, "message": "' + b"x" * 68 + b'"}'  # 100 bytes
 BIG_SIZE = 100 * 1000 * 1000
@@ -148,15 +146,15 @@ class Result:
     mb_s_runs: tuple[float, ...] = ()
     ws_p50_ms: float = 0.0
     ws_p99_ms: float = 0.0
-    # JupyterLab's /api/status: one wrk result (api_throughput.WrkResult) per round.
-    jupyter_runs: list[Any] = field(default_factory=list)
+    # JupyterLab's /api/status: one wrk result per round.
+    jupyter_runs: list[harness.WrkResult] = field(default_factory=list)
 
     def jupyter_mean(self, attr: str) -> float:
         return statistics.mean(getattr(run, attr) for run in self.jupyter_runs)
 
 
 def run_wrk(wrk: str, side: Side, path: str, seconds: int, args: argparse.Namespace,
-            headers: tuple[str, ...] = ()) -> Any:
+            headers: tuple[str, ...] = ()) -> harness.WrkResult:
     """One wrk run against ``side``'s ``BASE + path``; any non-2xx or socket error raises."""
     cmd = [wrk, "-t", str(args.threads), "-c", str(args.connections), "-d", f"{seconds}s",
            "--latency"]
@@ -166,7 +164,7 @@ def run_wrk(wrk: str, side: Side, path: str, seconds: int, args: argparse.Namesp
     if done.returncode != 0:
         raise RuntimeError(f"{side.label} {path}: wrk failed ({done.returncode}): "
                            f"{done.stderr or done.stdout}")
-    parsed = wrk_helpers().parse_wrk(done.stdout)
+    parsed = harness.parse_wrk(done.stdout)
     if parsed.errors:
         raise RuntimeError(f"{side.label}: wrk saw {parsed.errors} errors:\n{done.stdout}")
     return parsed
@@ -239,35 +237,23 @@ async def measure_async(sides: tuple[Side, ...], results: dict[str, Result]) -> 
         result.mb_s_runs = tuple(runs[side.label])
         result.mb_s = max(runs[side.label])
         times = await ws_round_trips_ms(side.ws)
-        result.ws_p50_ms, result.ws_p99_ms = percentile(times, 50), percentile(times, 99)
+        result.ws_p50_ms = harness.percentile(times, 50)
+        result.ws_p99_ms = harness.percentile(times, 99)
 
 
 # --- orchestration ------------------------------------------------------------------------
 
-def wrk_helpers() -> ModuleType:
-    """``bench/api_throughput.py`` (wrk install and parsing, free ports), run as a script
-    (``bench/`` first on ``sys.path``) or as ``python -m bench.passthrough``."""
-    try:
-        from bench import api_throughput
-    except ModuleNotFoundError:
-        import api_throughput  # type: ignore[no-redef]
-    return api_throughput
-
-
 @contextlib.contextmanager
-def child(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    from app.devstack import stop_process, wait_for_port
-
-    with log.open("ab") as out:
-        # Own session: Ctrl-C reaches only us, and we stop the child ourselves.
-        proc = subprocess.Popen([sys.executable, "-m", "bench.passthrough", *args],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+def child(args: list[str], port: int, log: Path) -> Iterator[Child]:
+    """``python -m bench.passthrough ARGS`` (its own session: Ctrl-C reaches only us, and we
+    stop it ourselves), once it listens on ``port``."""
+    proc = Child(args[0], [sys.executable, "-m", "bench.passthrough", *args], log)
+    proc.start()
     try:
-        wait_for_port(HOST, port, timeout=30, proc=proc, what=" ".join(args[:1]))
+        proc.wait_for_port(port, timeout=30)
         yield proc
     finally:
-        stop_process(proc)
+        proc.stop(timeout=15)
 
 
 def jupyter_status(port: int, token: str) -> tuple[int, bytes]:
@@ -284,8 +270,6 @@ def jupyter_status(port: int, token: str) -> tuple[int, bytes]:
 def jupyter_lab(port: int, token: str, tmp: Path, log: Path) -> Iterator[bytes]:
     """A JupyterLab serving under ``BASE`` on ``port``, flags as the real session job starts
     it (controllers/job_types/jupyter_lab.py); yields its /api/status body once it answers."""
-    from app.devstack import stop_process
-
     state = tmp / "jupyter"
     root = state / "root"
     root.mkdir(parents=True)
@@ -298,16 +282,16 @@ def jupyter_lab(port: int, token: str, tmp: Path, log: Path) -> Iterator[bytes]:
            f"--ServerApp.base_url={BASE}", f"--ServerApp.root_dir={root}",
            "--ServerApp.allow_remote_access=True", "--ServerApp.trust_xheaders=True",
            "--allow-root"]  # needed when run as root (a container), ignored otherwise
-    with log.open("ab") as out:
-        # Own session, like child(): Ctrl-C reaches only us, and stop_process ends its group.
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    # Own session, like child(): Ctrl-C reaches only us, and stop() ends its group.
+    proc = Child("jupyterlab", cmd, log, env=env, cwd=root)
+    proc.start()
     try:
         # Listening is not enough: the extensions load after the port opens.
         deadline = time.monotonic() + JUPYTER_START_TIMEOUT
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited with code {proc.returncode}")
+            if not proc.alive:
+                assert proc.popen is not None
+                raise RuntimeError(f"JupyterLab exited with code {proc.popen.returncode}")
             try:
                 status, body = jupyter_status(port, token)
                 if status == 200:
@@ -320,7 +304,7 @@ def jupyter_lab(port: int, token: str, tmp: Path, log: Path) -> Iterator[bytes]:
             time.sleep(0.3)
         yield body
     finally:
-        stop_process(proc)
+        proc.stop(timeout=15)
 
 
 def print_report(direct: Result, relayed: Result, jupyter_body: bytes,
@@ -374,7 +358,7 @@ def print_report(direct: Result, relayed: Result, jupyter_body: bytes,
             ("WebSocket added latency p99", added_p99, "ms"),
             ("relay download", relayed.mb_s, "MB/s"),
             ("relay small GET, trivial upstream", relayed.rps, "req/s")):
-        emit("passthrough", metric, value, unit)
+        harness.emit("passthrough", metric, value, unit)
     print(f"\nwrk: {args.connections} connections, {args.threads} threads, "
           f"{args.duration} s after {WARMUP_SECONDS} s warm-up; {os.cpu_count()} CPUs shared "
           "by wrk, the upstream and the relay (one uvicorn process each).")
@@ -387,10 +371,9 @@ def print_report(direct: Result, relayed: Result, jupyter_body: bytes,
 
 
 def run(args: argparse.Namespace) -> int:
-    helpers = wrk_helpers()
-    wrk = helpers.ensure_wrk()
-    upstream_port = args.upstream_port or helpers.free_port()
-    relay_port = args.relay_port or helpers.free_port()
+    wrk = harness.ensure_wrk()
+    upstream_port = args.upstream_port or free_port()
+    relay_port = args.relay_port or free_port()
     with tempfile.TemporaryDirectory(prefix="uws-bench-") as tmp:
         log = Path(tmp) / "servers.log"
         try:
@@ -406,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
                       flush=True)
                 asyncio.run(measure_async(sides, results))
             # The real upstream, with the trivial one stopped: its own relay in front.
-            jupyter_port, jupyter_relay_port = helpers.free_port(), helpers.free_port()
+            jupyter_port, jupyter_relay_port = free_port(), free_port()
             token = secrets.token_hex(24)
             print("JupyterLab: starting ...", flush=True)
             with (jupyter_lab(jupyter_port, token, Path(tmp), log) as jupyter_body,
@@ -417,8 +400,7 @@ def run(args: argparse.Namespace) -> int:
                 measure_jupyter(wrk, (Side("direct", jupyter_port),
                                       Side("relay", jupyter_relay_port)), token, args, results)
         except Exception:
-            tail = log.read_text(errors="replace").splitlines()[-30:] if log.exists() else []
-            print("--- last lines of the servers' log", *tail, sep="\n", file=sys.stderr)
+            harness.print_log_tails(Path(tmp), lines=30)
             raise
         print_report(results["direct"], results["relay"], jupyter_body, args)
     return 0

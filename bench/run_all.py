@@ -1,10 +1,10 @@
 """Every benchmark in ``bench/``, one after another, then one table of their figures.
 
 Each script runs as its own process with ``UWS_BENCH_JSON`` naming a shared file, where it
-appends one JSON line per figure (``bench/report.py``); its own output streams through.
-The table at the end lists every figure (ratios, percentiles, rates, counts) by benchmark,
-then how each script ended. Exit status 2 from a script means it refused to run here
-(``slurm_latency`` without Slurm, ``copy_throughput`` without 4 GiB free): reported as
+appends one JSON line per figure (``bench/harness.py``: ``emit``); its own output streams
+through. The table at the end lists every figure (ratios, percentiles, rates, counts) by
+benchmark, then how each script ended. Exit status 2 from a script means it refused to run
+here (``slurm_latency`` without Slurm, ``copy_throughput`` without 4 GiB free): reported as
 skipped, not as a failure. A script absent from ``bench/`` is left out.
 
     .venv/bin/python bench/run_all.py [--quick] [--only load,api_throughput]

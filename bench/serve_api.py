@@ -16,7 +16,8 @@ from litestar import MediaType, get
 
 from api.app import create_app
 from app.controllers import load_controllers
-from core.settings import Settings, get_settings
+from app.dev_database import resolve_database_url
+from core.settings import get_settings
 
 CONSTANT_ENV = "UWS_BENCH_CONSTANT_FILE"
 
@@ -37,18 +38,9 @@ async def constant_handler() -> bytes:
     return CONSTANT_BODY
 
 
-def _database_url(settings: Settings) -> str:
-    """As ``uws api``: the configured database, else the embedded one."""
-    if settings.database_url:
-        return settings.database_url
-    from app.devstack import embedded_database_url
-
-    return embedded_database_url(Path(settings.data_dir))
-
-
 def main() -> None:
     settings = get_settings()
-    settings.database_url = _database_url(settings)
+    resolve_database_url(settings)
     app = create_app(settings, controllers=load_controllers(settings),
                      extra_handlers=[constant_handler])
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",

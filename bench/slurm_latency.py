@@ -1,8 +1,8 @@
 """Submit → ``running`` latency on Slurm: through our API against ``sbatch`` directly.
 
-Starts a single-node Slurm cluster (``core/slurm_dev.py``, free ports, a temporary state
-dir) and its own PostgreSQL database, Temporal dev server, worker and API (the helpers of
-``bench.api_throughput``), wired by ``tests/data/slurm-config.toml`` with the resource's
+Starts a single-node Slurm cluster (``app/slurm_dev.py``, free ports, a temporary state
+dir) and its own PostgreSQL database, Temporal dev server, worker and API
+(``bench.harness``), wired by ``tests/data/slurm-config.toml`` with the resource's
 default poll interval unless ``--poll`` says otherwise. Then, alternating A B A B, ``--jobs``
 of each:
 
@@ -26,51 +26,31 @@ import asyncio
 import contextlib
 import math
 import os
-import secrets
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    # `python bench/slurm_latency.py` puts bench/, not the repository, on the path.
-    sys.path.insert(0, str(REPO))
+import httpx
 
-import httpx  # noqa: E402
-import tomli_w  # noqa: E402
-
-from app import slurm_dev  # noqa: E402
-from app.devstack import start_temporal_dev_server, stop_process  # noqa: E402
-from bench.api_throughput import (  # noqa: E402
-    HOST,
-    ApiServer,
-    _prepare_database,
-    _print_log_tails,
-    call_json,
-    create_workspace,
-    database,
-    free_port,
-    print_machine,
-    run_with_cleanup,
-    start_child,
-)
-from bench.report import emit, percentile  # noqa: E402
+try:  # `python bench/x.py`: bench/, not the repository, is on sys.path; harness adds it
+    import harness
+except ModuleNotFoundError:  # `python -m bench.x`
+    from bench import harness
+from app import slurm_dev
+from app.stack import HOST
 
 BENCH = "slurm_latency"
 POLL_S = 0.05
-SLURM_CONFIG = REPO / "tests" / "data" / "slurm-config.toml"
 
 
-def write_config(path: Path, cluster: slurm_dev.DevCluster, poll: float | None) -> None:
-    config = tomllib.loads(SLURM_CONFIG.read_text())
+def write_config(path: Path, cluster: slurm_dev.DevCluster, poll: float | None) -> Path:
+    config = harness.slurm_config(cluster)
     resource = config["available_resources"]["slurm_resource"]["connection_details"]
-    resource.update(url=cluster.rest_url, jwt_key_file=str(cluster.jwt_key))
     resource.pop("poll_interval_seconds", None)
     if poll is not None:
         resource["poll_interval_seconds"] = poll
-    path.write_text(tomli_w.dumps(config))
+    return harness.write_toml(path, config)
 
 
 class Bench:
@@ -150,72 +130,32 @@ async def measure(bench: Bench, jobs: int) -> int:
     print()
     print(f"{'submit -> running':24s} {'p50':>8s} {'p99':>8s} {'max':>8s}")
     for label, values in (("ours (API, batch_script)", ours), ("direct (sbatch)", direct)):
-        p50, p99 = percentile(values, 50), percentile(values, 99)
+        p50, p99 = harness.percentile(values, 50), harness.percentile(values, 99)
         print(f"{label:24s} {p50:7.3f}s {p99:7.3f}s {max(values):7.3f}s")
         key = label.split()[0]
-        emit(BENCH, f"{key}_submit_to_running_p50", p50, "s")
-        emit(BENCH, f"{key}_submit_to_running_p99", p99, "s")
+        harness.emit(BENCH, f"{key}_submit_to_running_p50", p50, "s")
+        harness.emit(BENCH, f"{key}_submit_to_running_p99", p99, "s")
     for pct in (50, 99):
-        ratio = percentile(ours, pct) / percentile(direct, pct)
+        ratio = harness.percentile(ours, pct) / harness.percentile(direct, pct)
         print(f"ratio ours/direct p{pct}: {ratio:.2f}")
-        emit(BENCH, f"ratio_p{pct}", ratio, "ratio")
+        harness.emit(BENCH, f"ratio_p{pct}", ratio, "ratio")
     await bench.api.aclose()
     await bench.rest.aclose()
     return 0
 
 
 def run(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> int:
-    os.chmod(tmp, 0o755)  # job users reach their workspaces under it
-    logs = tmp / "logs"
-    logs.mkdir()
-    try:
-        began = time.monotonic()
-        cluster = slurm_dev.DevCluster(
-            state_dir=tmp / "slurm", rest_port=free_port(), ctld_port=free_port(),
-            slurmd_port=free_port(), cpus=4)
-        stack.callback(slurm_dev.stop, cluster)
-        slurm_dev.start(cluster, install_missing=False)
-
-        url = stack.enter_context(database(tmp))
-        client_key = asyncio.run(_prepare_database(url, logs / "migrate.log"))
-        write_config(tmp / "config.toml", cluster, args.poll)
-        (tmp / "constant.json").write_text("{}")  # bench.serve_api needs it
-        temporal_port = free_port()
-        temporal = start_temporal_dev_server(tmp / "temporal", host=HOST, port=temporal_port,
-                                             ui_port=free_port())
-        stack.callback(stop_process, temporal)
-        api_port = free_port()
-        data_dir = tmp / "data"
-        data_dir.mkdir(mode=0o755)
-        env = {**os.environ, "UWS_DATABASE_URL": url,
-               "UWS_TEMPORAL_ADDRESS": f"{HOST}:{temporal_port}",
-               "UWS_DATA_DIR": str(data_dir), "UWS_CONFIG": str(tmp / "config.toml"),
-               "UWS_TASK_QUEUE": f"uws-bench-{secrets.token_hex(4)}",
-               "UWS_HOST": HOST, "UWS_PORT": str(api_port),
-               "UWS_BENCH_CONSTANT_FILE": str(tmp / "constant.json")}
-        worker = start_child([sys.executable, "-m", "app.cli", "worker"], env,
-                             logs / "worker.log")
-        stack.callback(stop_process, worker)
-        api = ApiServer(env, api_port, logs / "serve_api.log")
-        stack.callback(api.stop)
-        api.start({})
-
-        username = f"uwsbench{secrets.token_hex(4)}"
-        # POST /tokens/ creates the OS account that runs the jobs (create_external_users).
-        token = call_json(api_port, "POST", "/tokens/", {
-            "client_token": client_key,
-            "user_info": {"username": username, "email": f"{username}@example.org"},
-        })["token"]
-        stack.callback(subprocess.run, ["userdel", "--remove", username], capture_output=True)
-        workspace_id = create_workspace(api_port, {"UWS-Authorization": f"Token {token}"})
-        print(f"stack up in {time.monotonic() - began:.1f}s; user {username}; "
-              f"resource poll interval {args.poll if args.poll is not None else 'default'}",
-              flush=True)
-        bench = Bench(cluster, api_port, token, workspace_id, username, args.sleep)
-        return asyncio.run(measure(bench, args.jobs))
-    except Exception:
-        _print_log_tails(logs)
-        raise
+    began = time.monotonic()
+    cluster = harness.slurm_cluster(stack)
+    config = write_config(tmp / "config.toml", cluster, args.poll)
+    st = harness.start_stack(stack, tmp, config=config)
+    # POST /tokens/ creates the OS account that runs the jobs (create_external_users).
+    user = st.new_user(workspaces=1)
+    print(f"stack up in {time.monotonic() - began:.1f}s; user {user.name}; "
+          f"resource poll interval {args.poll if args.poll is not None else 'default'}",
+          flush=True)
+    bench = Bench(cluster, st.api_port, user.token, user.workspaces[0], user.name, args.sleep)
+    return asyncio.run(measure(bench, args.jobs))
 
 
 def parse_args() -> argparse.Namespace:
@@ -224,20 +164,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sleep", type=float, default=2.0, help="seconds each job sleeps")
     parser.add_argument("--poll", type=float, default=None,
                         help="the resource's poll_interval_seconds (default: its default)")
-    args = parser.parse_args()
-    if args.jobs < 1:
-        parser.error("--jobs must be at least 1")
-    return args
-
-
-def main() -> int:
-    if os.geteuid() != 0 or not slurm_dev.installed():
-        print(f"needs root and Slurm ({slurm_dev.ENABLE_HINT})", file=sys.stderr)
-        return 2
-    args = parse_args()
-    print_machine()
-    return run_with_cleanup(run, args)
+    return harness.checked_args(parser, at_least_one=("--jobs",))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run_bench(run, parse_args, slurm=True))

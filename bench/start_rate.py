@@ -3,9 +3,9 @@
 ``--duration`` seconds. Prints the starts per second that reached ``running`` and the
 start -> running latency (p50, p99), so a regression in the start path shows as a number.
 
-Starts its own stack (``bench.jobs_latency.start_stack``: PostgreSQL, the Temporal dev
-server, a worker and an API, each its own process). Every job must end ``complete``; the
-exit status is non-zero when one did not.
+Starts its own stack (``bench.jobs_latency.start_stack``, over ``bench.harness``:
+PostgreSQL, the Temporal dev server, a worker and an API, each its own process). Every job
+must end ``complete``; the exit status is non-zero when one did not.
 
     .venv/bin/python bench/start_rate.py [--clients 50] [--duration 60] [--job-seconds 1]
 """
@@ -19,27 +19,24 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import httpx
 
-import httpx  # noqa: E402
-
-from bench.api_throughput import print_machine, run_with_cleanup  # noqa: E402
-from bench.jobs_latency import (  # noqa: E402
-    HOST,
+try:  # `python bench/x.py`: bench/, not the repository, is on sys.path; harness adds it
+    import harness
+except ModuleNotFoundError:  # `python -m bench.x`
+    from bench import harness
+from app.stack import HOST
+from bench.jobs_latency import (
     TERMINAL,
     Events,
     Job,
     Stack,
-    _print_log_tails,
     final_check,
     sockets,
     start_job,
     start_stack,
     time_limit_for,
 )
-from bench.report import emit, percentile  # noqa: E402
 
 RUNNING_TIMEOUT_S = 60.0
 
@@ -97,44 +94,34 @@ async def measure(st: Stack, args: argparse.Namespace) -> int:
     print(f"\nstarts that reached running: {len(latencies)} in {elapsed:.1f}s = "
           f"{rate:.1f}/s ({len(failures)} failures)")
     if latencies:
-        p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+        p50, p99 = harness.percentile(latencies, 50), harness.percentile(latencies, 99)
         print(f"start -> running: p50 {p50:.3f}s  p99 {p99:.3f}s  max {max(latencies):.3f}s")
-        emit("start_rate", "start -> running p50", p50, "s")
-        emit("start_rate", "start -> running p99", p99, "s")
-    emit("start_rate", "sustained starts", rate, "per s")
+        harness.emit("start_rate", "start -> running p50", p50, "s")
+        harness.emit("start_rate", "start -> running p99", p99, "s")
+    harness.emit("start_rate", "sustained starts", rate, "per s")
     for failure in failures[:5]:
         print(f"  failure: {failure}")
     bad = len(failures) + len(not_listed) + (0 if ended else 1)
     print(f"every job ended: {'yes' if ended and not not_listed else 'NO'}")
-    emit("start_rate", "failures", bad, "count")
+    harness.emit("start_rate", "failures", bad, "count")
     return 1 if bad else 0
 
 
 def run(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> int:
-    logs = tmp / "logs"
-    logs.mkdir()
-    try:
-        st = start_stack(tmp, logs, stack)
-        status = asyncio.run(measure(st, args))
-        if status:
-            _print_log_tails(logs)
-        return status
-    except Exception:
-        _print_log_tails(logs)
-        raise
+    st = start_stack(tmp, stack)
+    status = asyncio.run(measure(st, args))
+    if status:
+        harness.print_log_tails(st.logs)
+    return status
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--job-seconds", type=float, default=1.0)
-    args = parser.parse_args()
-    if args.clients < 1 or args.duration <= 0:
-        parser.error("--clients must be at least 1 and --duration positive")
-    print_machine()
-    return run_with_cleanup(run, args)
+    return harness.checked_args(parser, at_least_one=("--clients",), positive=("--duration",))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run_bench(run, parse_args))

@@ -169,22 +169,12 @@ class StorageMethod(Plugin):
         """Reject, before anything is written, names that could not be confined."""
 
     @abstractmethod
-    async def write_files(
-        self,
-        path: str,
-        account: ExternalAccount,
-        files: list[FileSpec],
-        symlinks: list[SymlinkSpec],
-    ) -> None:
+    async def write_files(self, path: str, account: ExternalAccount, files: list[FileSpec],
+                          symlinks: list[SymlinkSpec]) -> None:
         """Write files and create symlinks inside the workspace at ``path``."""
 
-    async def save_upload(
-        self,
-        path: str,
-        account: ExternalAccount,
-        filename: str,
-        chunks: AsyncIterator[bytes],
-    ) -> int:
+    async def save_upload(self, path: str, account: ExternalAccount, filename: str,
+                          chunks: AsyncIterator[bytes]) -> int:
         """Stream one uploaded file into the workspace root; return its size. A failed or
         interrupted upload leaves no partial file."""
         staged = await self.stage_upload(path, account, filename, chunks)
@@ -195,13 +185,8 @@ class StorageMethod(Plugin):
         return staged.size
 
     @abstractmethod
-    async def stage_upload(
-        self,
-        path: str,
-        account: ExternalAccount,
-        filename: str,
-        chunks: AsyncIterator[bytes],
-    ) -> StagedUpload:
+    async def stage_upload(self, path: str, account: ExternalAccount, filename: str,
+                           chunks: AsyncIterator[bytes]) -> StagedUpload:
         """Stream one uploaded file into the workspace under a temporary name, leaving the
         file of its final name untouched; a failed or interrupted stream leaves nothing.
         ``commit_uploads`` moves staged files into place, ``discard_uploads`` removes them,
@@ -259,13 +244,16 @@ class JobState(BaseModel):
 
 
 class LaunchRequest(BaseModel):
+    """What a resource is given to launch a job: its script, to run in ``workdir`` as
+    ``account``, with the options its user chose and the environment we add."""
+
     job_id: int
     script: str
     workdir: str
     account: ExternalAccount
+    time_limit_min: float | None = None
     resource_options: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
-    time_limit_min: float | None = None
 
 
 class ComputeResource(Plugin):

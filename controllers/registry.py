@@ -1,61 +1,53 @@
 """Plugins by short name, and building them from ``config.toml``.
 
-An explicit mapping (no string-built imports): adding a plugin means adding it here.
-Dependencies are injected as in the reference: a storage gets its auth method, a resource
-its storage and auth method.
+Plugins are found through the ``uws.controllers`` entry points (``pyproject.toml``): the
+built-in ones are registered there like any other, so a site adds its own by installing a
+package that declares one, without forking (as JupyterHub finds spawners). A name maps to
+one class, whose base (``AuthMethod``, ``StorageMethod``, ``ComputeResource``,
+``JobType``) says which kind of plugin it is; nothing is imported from a string the
+configuration makes up. Dependencies are injected as in the reference: a storage gets its
+auth method, a resource its storage and auth method.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from controllers.auth.globus import GlobusUserAuthentication
-from controllers.auth.local import LocalUserAuthentication
-from controllers.auth.oidc import OIDCUserAuthentication
 from controllers.base import AuthMethod, ComputeResource, JobType, Plugin, StorageMethod
 from controllers.errors import NotConfigured
-from controllers.job_types.appyter import AppyterJob
-from controllers.job_types.batch_script import BatchScriptJob
-from controllers.job_types.jupyter_lab import JupyterLabJob
-from controllers.job_types.local_test import LocalTestJob
 from controllers.notify.email import EmailConfigError, EmailNotifier, EmailSettings
-from controllers.resources.local import LocalResource
-from controllers.resources.slurm import SlurmResource
-from controllers.storage.local_fs import LocalFileSystemStorage
 from core.config import AppConfig, ConfigError
 
-AUTH_METHODS: dict[str, type[AuthMethod]] = {
-    "LocalUserAuthentication": LocalUserAuthentication,
-    "GlobusUserAuthentication": GlobusUserAuthentication,
-    "OIDCUserAuthentication": OIDCUserAuthentication,
-}
-STORAGE_METHODS: dict[str, type[StorageMethod]] = {
-    "LocalFileSystemStorage": LocalFileSystemStorage,
-}
-RESOURCES: dict[str, type[ComputeResource]] = {
-    "LocalResource": LocalResource,
-    "SlurmResource": SlurmResource,
-}
-JOB_TYPES: dict[str, type[JobType]] = {
-    "LocalTestJob": LocalTestJob,
-    "JupyterLabJob": JupyterLabJob,
-    "AppyterJob": AppyterJob,
-    "BatchScriptJob": BatchScriptJob,
-}
+ENTRY_POINT_GROUP = "uws.controllers"
+P = TypeVar("P", bound=Plugin)
+
+
+def plugin_classes(base: type[P]) -> dict[str, type[P]]:
+    """Every plugin of ``base``'s kind that is registered, by name (loaded now)."""
+    found: dict[str, type[P]] = {}
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        cls = entry.load()
+        if isinstance(cls, type) and issubclass(cls, base):
+            found[entry.name] = cls
+    return found
 
 
 @dataclass(frozen=True)
 class Controllers:
+    """Every configured plugin by its configured name, and the configuration itself: built
+    once per process (``build_controllers``), passed to what needs them."""
+
     config: AppConfig
     auth: dict[str, AuthMethod]
     storage: dict[str, StorageMethod]
     resources: dict[str, ComputeResource]
-    job_types: dict[str, JobType]
     notifier: EmailNotifier
+    job_types: dict[str, JobType]
 
     @property
     def api_auth(self) -> AuthMethod:
@@ -108,12 +100,16 @@ class Controllers:
                 *self.job_types.values()]
 
 
-def _lookup(registry: dict[str, type[Any]], name: str, file: str, key: str) -> type[Any]:
-    try:
-        return registry[name]
-    except KeyError:
-        known = ", ".join(sorted(registry))
-        raise ConfigError(file, key, f"unknown plugin {name!r} (known: {known})") from None
+def _lookup(base: type[P], name: str, file: str, key: str) -> type[P]:
+    """The plugin ``name`` of ``base``'s kind, loading only its own entry point."""
+    for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        cls = entry.load()
+        if isinstance(cls, type) and issubclass(cls, base):
+            return cls
+        raise ConfigError(file, key, f"plugin {name!r} is not a {base.kind} plugin "
+                          f"({entry.value})")
+    known = ", ".join(sorted(plugin_classes(base)))
+    raise ConfigError(file, key, f"unknown plugin {name!r} (known: {known})")
 
 
 def _settings(cls: type[Plugin], data: dict[str, Any], file: str, key: str) -> Any:
@@ -144,7 +140,7 @@ def build_controllers(config: AppConfig, *, file: str, data_dir: Path) -> Contro
     auth: dict[str, AuthMethod] = {}
     for aid, a in config.available_user_authentication.items():
         key = f"available_user_authentication.{aid}"
-        cls = _lookup(AUTH_METHODS, a.user_authentication_type, file,
+        cls = _lookup(AuthMethod, a.user_authentication_type, file,
                       f"{key}.user_authentication_type")
         auth[aid] = cls(aid, _settings(cls, a.connection_details, file,
                                        f"{key}.connection_details"))
@@ -156,7 +152,7 @@ def build_controllers(config: AppConfig, *, file: str, data_dir: Path) -> Contro
     storage: dict[str, StorageMethod] = {}
     for sid, s in config.available_storage.items():
         key = f"available_storage.{sid}"
-        cls = _lookup(STORAGE_METHODS, s.storage_type, file, f"{key}.storage_type")
+        cls = _lookup(StorageMethod, s.storage_type, file, f"{key}.storage_type")
         root = Path(s.root_dir)
         root = root if root.is_absolute() else (data_dir / root)
         data = {**s.connection_details, "root_dir": str(root.resolve())}
@@ -165,7 +161,7 @@ def build_controllers(config: AppConfig, *, file: str, data_dir: Path) -> Contro
     resources: dict[str, ComputeResource] = {}
     for rid, r in config.available_resources.items():
         key = f"available_resources.{rid}"
-        cls = _lookup(RESOURCES, r.resource_type, file, f"{key}.resource_type")
+        cls = _lookup(ComputeResource, r.resource_type, file, f"{key}.resource_type")
         details = _under_data_dir(cls, r.connection_details, data_dir)
         resources[rid] = cls(
             rid, _settings(cls, details, file, f"{key}.connection_details"),
@@ -176,7 +172,7 @@ def build_controllers(config: AppConfig, *, file: str, data_dir: Path) -> Contro
     job_types: dict[str, JobType] = {}
     for jid, j in config.available_job_types.items():
         key = f"available_job_types.{jid}"
-        cls = _lookup(JOB_TYPES, j.job_type, file, f"{key}.job_type")
+        cls = _lookup(JobType, j.job_type, file, f"{key}.job_type")
         per_resource = {
             rid: _settings(cls, env, file, f"{key}.environment_details.{rid}")
             for rid, env in j.environment_details.items()

@@ -40,6 +40,7 @@ from temporalio.service import (
     _BridgeServiceClient,
 )
 
+from core.background import running
 from core.settings import Settings, SettingsError, read_secret_file
 
 log = logging.getLogger("uws.temporal")
@@ -382,10 +383,5 @@ async def credentials_reloaded(client: Client,
                 except Exception:  # the next rotation must still be watched for
                     log.exception("handing the new Temporal connection over failed")
 
-    task = asyncio.create_task(watch(), name="temporal-credentials")
-    try:
+    async with running(watch(), name="temporal-credentials"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -25,11 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.devstack import SQLITE_PRAGMAS, temporal_binary
-from core.temporal import SEARCH_ATTRIBUTES
+from app.stack import Child, UwsStack, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -39,107 +37,8 @@ LOCAL_JOBS = "local-jobs"
 STARTED, ENDED = "started.json", "ended.json"
 # How long close() gives a supervisor to stop its job's tree before SIGKILLing it.
 SUPERVISOR_STOP_S = 5.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-@dataclass
-class Proc:
-    """One child process in a session of its own, its output appended to ``log``."""
-
-    name: str
-    argv: list[str]
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: Path = ROOT
-    user: str | None = None
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert not self.alive, f"{self.name} is already running"
-        with self.log.open("ab") as out:
-            out.write(f"\n--- start {self.name} at {time.strftime('%H:%M:%S')} ---\n".encode())
-            out.flush()
-            self.popen = subprocess.Popen(
-                self.argv, env=self.env or None, cwd=self.cwd, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                user=self.user,
-            )
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def send(self, sig: int) -> None:
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL to the whole process group, then reap."""
-        if self.popen is None:
-            return
-        self.send(signal.SIGKILL)
-        self.popen.wait()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        if not self.alive:
-            return
-        self.send(sig)
-        try:
-            assert self.popen is not None
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def wait_for_log(self, text: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.current_run_log():
-                return
-            if not self.alive:
-                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not log {text!r} in {timeout}s:\n{self.tail()}")
-
-    def wait_for_port(self, port: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if port_open(port):
-                return
-            if not self.alive:
-                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not listen on {port} in {timeout}s:\n{self.tail()}")
-
-    def current_run_log(self) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return text.rpartition(f"--- start {self.name} at ")[2]
-
-    def tail(self, chars: int = 4000) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return text[-chars:]
+# One child process of the stack (the tests start a few of their own too).
+Proc = Child
 
 
 def _postgres_bin() -> Path:
@@ -228,31 +127,6 @@ def _has_user(name: str) -> bool:
     return True
 
 
-class TemporalServer:
-    """``temporal server start-dev`` on a SQLite file that outlives restarts."""
-
-    def __init__(self, base: Path, namespace: str = "default") -> None:
-        self.port = free_port()
-        self.db_file = base / "temporal.sqlite"
-        args = [
-            temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1",
-            "--port", str(self.port), "--headless", "--http-port", str(free_port()),
-            "--metrics-port", str(free_port()), "--db-filename", str(self.db_file),
-            *SQLITE_PRAGMAS, "--namespace", namespace, "--log-level", "warn",
-        ]
-        for name, kind in SEARCH_ATTRIBUTES.items():
-            args += ["--search-attribute", f"{name}={kind}"]
-        self.proc = Proc("temporal", args, base / "temporal.log", env=dict(os.environ))
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc.start()
-        self.proc.wait_for_port(self.port)
-
-
 class Stack:
     """PostgreSQL + Temporal + ``apis`` API processes + ``workers`` worker processes."""
 
@@ -267,66 +141,61 @@ class Stack:
         self.data_dir = traversable_dir("uws-stack-data-") if data_dir is None else data_dir
         self.config = config or TESTS / "data" / "test-config.toml"
         self.pg = Postgres(base)
-        self.temporal = TemporalServer(base)
         self.database_url = self.pg.url("uws")
         self.task_queue = f"uws-stack-{secrets.token_hex(4)}"
-        self.extra_env = extra_env or {}
-        self.api_ports = [free_port() for _ in range(apis)]
-        self.apis = [self._api(i) for i in range(apis)]
-        self.workers = [self._worker(i) for i in range(workers)]
+        self.uws = UwsStack(
+            env={**os.environ,
+                 "UWS_TASK_QUEUE": self.task_queue,
+                 "UWS_CONFIG": str(self.config),
+                 "UWS_SECRET_KEY": "stack-test-secret",
+                 "UWS_TOKEN_CACHE_SECONDS": "0",
+                 "UWS_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
+                 **(extra_env or {})},
+            database_url=self.database_url, data_dir=self.data_dir,
+            api_ports=[free_port() for _ in range(apis)], workers=workers, logs=base)
+        assert self.uws.temporal is not None
+        self.temporal = self.uws.temporal
+        self.apis, self.workers = self.uws.apis, self.uws.workers
+        self.api_ports = self.uws.api_ports
         self._closed = False
         atexit.register(self.close)
 
     # --- processes -----------------------------------------------------------------------
 
     def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "UWS_DATABASE_URL": self.database_url,
-            "UWS_TEMPORAL_ADDRESS": self.temporal.address,
-            "UWS_TASK_QUEUE": self.task_queue,
-            "UWS_DATA_DIR": str(self.data_dir),
-            "UWS_CONFIG": str(self.config),
-            "UWS_SECRET_KEY": "stack-test-secret",
-            "UWS_TOKEN_CACHE_SECONDS": "0",
-            "UWS_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
-            **self.extra_env,
-        }
+        return dict(self.uws.env)
 
-    def _api(self, i: int) -> Proc:
-        env = {**self.env(), "UWS_HOST": "127.0.0.1", "UWS_PORT": str(self.api_ports[i])}
-        return Proc(f"api{i}", [sys.executable, "-m", "app.cli", "api"],
-                    self.base / f"api{i}.log", env=env)
-
-    def _worker(self, i: int) -> Proc:
-        return Proc(f"worker{i}", [sys.executable, "-m", "app.cli", "worker"],
-                    self.base / f"worker{i}.log", env=self.env())
+    @property
+    def temporal_address(self) -> str:
+        return self.uws.temporal_address
 
     def api_url(self, i: int = 0) -> str:
-        return f"http://127.0.0.1:{self.api_ports[i]}"
+        return self.uws.api_url(i)
 
     def ws_url(self, i: int, path: str) -> str:
         return f"ws://127.0.0.1:{self.api_ports[i]}{path}"
 
     def start_api(self, i: int = 0) -> None:
-        self.apis[i].start()
-        self.apis[i].wait_for_port(self.api_ports[i])
+        self.uws.start_api(i)
 
     def start_worker(self, i: int = 0) -> None:
-        self.workers[i].start()
-        self.workers[i].wait_for_log("worker polling task queue")
+        self.uws.start_worker(i)
+
+    def start_temporal(self) -> None:
+        self.temporal.start()
+        self.temporal.wait_for_port(int(self.temporal_address.rpartition(":")[2]))
 
     def restart_temporal(self, sig: int = signal.SIGKILL) -> None:
         if sig == signal.SIGKILL:
-            self.temporal.proc.kill()
+            self.temporal.kill()
         else:
-            self.temporal.proc.stop(sig)
-        self.temporal.start()
+            self.temporal.stop(sig)
+        self.start_temporal()
 
     def start(self) -> Stack:
         self.pg.init()
         self.pg.start()
-        self.temporal.start()
+        self.start_temporal()
         self._cli("migrate")
         for i in range(len(self.apis)):
             self.start_api(i)
@@ -380,14 +249,14 @@ class Stack:
         for proc in [*self.apis, *self.workers]:
             proc.kill()
         self.stop_launched_jobs()
-        self.temporal.proc.kill()
+        self.temporal.kill()
         self.pg.remove()
         if self._own_data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
         atexit.unregister(self.close)
 
     def logs(self, chars: int = 3000) -> str:
-        procs = [self.pg.proc, self.temporal.proc, *self.apis, *self.workers]
+        procs = [self.pg.proc, self.temporal, *self.apis, *self.workers]
         return "\n".join(f"===== {p.name} ({p.log}) =====\n{p.tail(chars)}" for p in procs)
 
 

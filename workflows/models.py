@@ -94,6 +94,9 @@ def job_workflow_id(job_id: int) -> str:
 
 @dataclass
 class JobInput:
+    """What a job's workflow starts with: its row's ids, its type and resource, what its
+    user asked for, and its limits (as the API decided them at the start)."""
+
     job_id: int
     user_id: int
     workspace_id: int
@@ -353,6 +356,8 @@ def share_workflow_id(shared_workspace_id: int) -> str:
 
 @dataclass
 class ShareInput:
+    """A share's copy (its row made by the API) and where it comes from."""
+
     shared_workspace_id: int
     original_workspace_id: int
     expiry_seconds: float

@@ -36,44 +36,50 @@ class Ticket:
 
 
 def make_ticket(key: bytes, job_id: int, user_id: int, *, now: float, ttl: float) -> str:
-    body = f"t1.{job_id}.{user_id}.{int(now + ttl)}.{secrets.token_hex(12)}"
-    return f"{body}.{_sign(key, body)}"
+    return _signed(key, "t1", job_id, user_id, int(now + ttl), secrets.token_hex(12))
 
 
 def read_ticket(key: bytes, value: str, *, job_id: int, now: float) -> Ticket | None:
     """The ticket if its signature, job and expiry hold (spending it is the caller's)."""
-    parts = value.split(".")
-    if len(parts) != 6 or parts[0] != "t1":
-        return None
-    body, signature = ".".join(parts[:5]), parts[5]
-    if not hmac.compare_digest(_sign(key, body), signature):
-        return None
+    fields = _signed_fields(key, value, "t1", 4)
     try:
-        ticket = Ticket(int(parts[1]), int(parts[2]), int(parts[3]), parts[4])
+        ticket = Ticket(int(fields[0]), int(fields[1]), int(fields[2]), fields[3]) \
+            if fields else None
     except ValueError:
         return None
-    if ticket.job_id != job_id or ticket.expires < now:
+    if ticket is None or ticket.job_id != job_id or ticket.expires < now:
         return None
     return ticket
 
 
 def make_cookie(key: bytes, job_id: int, user_id: int, *, now: float, ttl: float) -> str:
-    body = f"c1.{job_id}.{user_id}.{int(now + ttl)}"
-    return f"{body}.{_sign(key, body)}"
+    return _signed(key, "c1", job_id, user_id, int(now + ttl))
 
 
 def read_cookie(key: bytes, value: str, *, job_id: int, now: float) -> int | None:
     """The user id a valid cookie for ``job_id`` names, else ``None``."""
-    parts = value.split(".")
-    if len(parts) != 5 or parts[0] != "c1":
-        return None
-    body, signature = ".".join(parts[:4]), parts[4]
-    if not hmac.compare_digest(_sign(key, body), signature):
-        return None
+    fields = _signed_fields(key, value, "c1", 3)
     try:
-        cookie_job, user_id, expires = int(parts[1]), int(parts[2]), int(parts[3])
+        cookie_job, user_id, expires = (int(f) for f in fields) if fields else (0, 0, 0)
     except ValueError:
         return None
-    if cookie_job != job_id or expires < now:
+    if not fields or cookie_job != job_id or expires < now:
         return None
     return user_id
+
+
+def _signed(key: bytes, version: str, *fields: object) -> str:
+    """``version.f1...fN.signature``: the fields, and our signature of them."""
+    body = ".".join([version, *map(str, fields)])
+    return f"{body}.{_sign(key, body)}"
+
+
+def _signed_fields(key: bytes, value: str, version: str, count: int) -> list[str] | None:
+    """The ``count`` fields of ``version.f1...fN.signature`` when the signature is ours."""
+    parts = value.split(".")
+    if len(parts) != count + 2 or parts[0] != version:
+        return None
+    body, signature = ".".join(parts[:-1]), parts[-1]
+    if not hmac.compare_digest(_sign(key, body), signature):
+        return None
+    return parts[1:-1]

@@ -13,7 +13,7 @@ from api import schemas
 from api.auth import AuthUser, current_user
 from api.body import json_body, query_filters
 from api.errors import BadRequest, NotFound
-from api.ids import parse_id
+from api.ids import found_or_raise, parse_id
 from api.job_timeline import job_timeline
 from api.openapi import contract, query
 from api.responses import json_response
@@ -69,14 +69,13 @@ async def _filtered(request: Request[Any, Any, Any], user: AuthUser,
 
 
 async def _owned(user: AuthUser, raw_id: str) -> dict[str, Any]:
-    job_id = parse_id(raw_id)
-    row = await job_rows.owned(user.id, job_id) if job_id is not None else None
-    if row is None:
-        raise _not_found(raw_id)
-    return row
+    return await found_or_raise(raw_id, lambda job_id: job_rows.owned(user.id, job_id),
+                                _not_found)
 
 
 class JobRoutes(Controller):
+    """A user's jobs: list and read them, stop one, extend its time, see its timeline."""
+
     path = "/jobs"
     tags = ["jobs"]
 
@@ -91,9 +90,8 @@ class JobRoutes(Controller):
     @get("/{job_id:str}/", operation_id="getJob",
          **contract("Get one job (as a list)",
                     schemas.JobListResponse, 400, 401, 503, filters=_FILTER_DOCS))
-    async def get_job(
-        self, request: Request[Any, Any, Any], job_id: FromPath[str]
-    ) -> Response[bytes]:
+    async def get_job(self, request: Request[Any, Any, Any],
+                      job_id: FromPath[str]) -> Response[bytes]:
         """One of the caller's jobs, in the listing's shape."""
         jid = parse_id(job_id)
         rows = await _filtered(request, current_user(request), jid) if jid is not None else []

@@ -72,6 +72,9 @@ async def _listing(request: Request[Any, Any, Any], shared_id: int | None) -> di
 
 
 class SharedWorkspaceRoutes(Controller):
+    """Copies of workspaces shared with others: make them, list both sides, accept,
+    decline or withdraw one."""
+
     path = "/shared_workspaces"
     tags = ["shared workspaces"]
 

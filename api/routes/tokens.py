@@ -15,6 +15,8 @@ from db import accounts
 
 
 class TokenRoutes(Controller):
+    """A sign-in turned into the user's API key."""
+
     path = "/tokens"
     tags = ["tokens"]
 

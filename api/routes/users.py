@@ -15,6 +15,8 @@ from db import accounts, quotas
 
 
 class UserRoutes(Controller):
+    """Other users (to share with), and the caller's own quota."""
+
     path = "/users"
     tags = ["users"]
 

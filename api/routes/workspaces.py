@@ -15,7 +15,7 @@ from api.auth import AuthUser, current_user
 from api.body import json_body, query_filters
 from api.errors import BadRequest, NotFound, ServerError, Unprocessable
 from api.field_limits import check_job_details, check_workspace_fields
-from api.ids import parse_id
+from api.ids import found_or_raise, parse_id
 from api.job_start import start_job
 from api.multipart import MultipartReader, boundary_of
 from api.openapi import contract, query
@@ -56,11 +56,7 @@ def _not_found(workspace_id: Any) -> NotFound:
 
 async def _owned(user: AuthUser, raw_id: str) -> dict[str, Any]:
     """The caller's workspace row, or the contract's 404 (someone else's id included)."""
-    workspace_id = parse_id(raw_id)
-    row = await workspaces.owned(user.id, workspace_id) if workspace_id is not None else None
-    if row is None:
-        raise _not_found(raw_id)
-    return row
+    return await found_or_raise(raw_id, lambda wid: workspaces.owned(user.id, wid), _not_found)
 
 
 async def _refuse_unaccepted_copy(workspace_id: int) -> None:
@@ -90,6 +86,9 @@ def _listing(rows: list[Any]) -> Response[bytes]:
 
 
 class WorkspaceRoutes(Controller):
+    """A user's workspaces: list, read, create, change, upload into, start a job in, and
+    delete them."""
+
     path = "/workspaces"
     tags = ["workspaces"]
 

@@ -22,16 +22,8 @@ from urllib.parse import urlencode
 
 from pydantic import Field, field_validator
 
-from controllers.auth.external import (
-    MISCONFIGURED,
-    ExternalAuthSettings,
-    ExternalUserAuthentication,
-    as_list,
-    check_introspected,
-    env_is_set,
-    reject,
-    subject_of,
-)
+from controllers.auth import external
+from controllers.auth.external import ExternalAuthSettings, ExternalUserAuthentication
 from controllers.base import Health, UserInfo
 from controllers.errors import BackendError, Forbidden
 
@@ -62,7 +54,7 @@ class GlobusUserAuthentication(ExternalUserAuthentication):
         @field_validator("client_secret_env")
         @classmethod
         def _secret_set(cls, value: str) -> str:
-            return env_is_set(value)
+            return external.env_is_set(value)
 
     settings: Settings
 
@@ -94,14 +86,14 @@ class GlobusUserAuthentication(ExternalUserAuthentication):
         body = self._json(response, "Globus token endpoint") \
             if response.status_code == 200 else None
         if not isinstance(body, dict):
-            raise reject(f"Globus token endpoint answered {response.status_code}: "
+            raise external.reject(f"Globus token endpoint answered {response.status_code}: "
                          f"{response.text[:200]}")
         tokens = [body, *[t for t in body.get("other_tokens") or [] if isinstance(t, dict)]]
         wanted = GROUPS_RESOURCE_SERVER if s.allowed_globus_groups else None
         chosen = next((t for t in tokens if t.get("resource_server") == wanted), tokens[0])
         token = chosen.get("access_token")
         if not isinstance(token, str) or not token:
-            raise reject("Globus token endpoint answered no access token")
+            raise external.reject("Globus token endpoint answered no access token")
         return token
 
     def _introspect_url(self) -> str:
@@ -120,18 +112,19 @@ class GlobusUserAuthentication(ExternalUserAuthentication):
             (s.client_id, os.environ.get(s.client_secret_env, "")), "Globus introspection",
         )
         # Globus leaves iss out at times; when it is there it must be Globus's.
-        check_introspected(data, audiences=set(s.allowed_audiences or [s.client_id]),
+        external.check_introspected(data, audiences=set(s.allowed_audiences or [s.client_id]),
                            issuer=s.issuer, leeway=0.0, require_exp=True, require_iss=False,
                            client_id_is_audience=s.accept_client_id_as_audience)
         exp = data["exp"]
         username, email = data.get("username"), data.get("email")
         if not isinstance(username, str) or not username or len(username) > 150:
-            raise reject("Globus identity without a usable username")
+            raise external.reject("Globus identity without a usable username")
         if not isinstance(email, str) or not email or len(email) > 254:
-            raise reject(f"Globus identity {username!r} has no e-mail")
-        subject = subject_of(data, f"Globus identity {username!r}")
+            raise external.reject(f"Globus identity {username!r} has no e-mail")
+        subject = external.subject_of(data, f"Globus identity {username!r}")
         if s.allowed_globus_groups:
-            identities = set(as_list(data.get("identity_set"))) or set(as_list(data.get("sub")))
+            identities = set(external.as_list(data.get("identity_set"))) \
+                or set(external.as_list(data.get("sub")))
             await self._require_group(token, identities, username)
         first, _, last = (data.get("name") or "").strip().partition(" ")
         # Display names only: cut to the columns' 150 rather than refuse.
@@ -147,14 +140,14 @@ class GlobusUserAuthentication(ExternalUserAuthentication):
             headers={"Authorization": f"Bearer {token}"},
         )
         if response.status_code in (401, 403):
-            raise reject(f"Groups API refused {username!r}'s token (no groups scope?)")
+            raise external.reject(f"Groups API refused {username!r}'s token (no groups scope?)")
         if response.status_code != 200:
-            raise BackendError(MISCONFIGURED, log_message=(
+            raise BackendError(external.MISCONFIGURED, log_message=(
                 f"Groups API answered {response.status_code}: {response.text[:200]}"
             ))
         groups = self._json(response, "Groups API")
         if not isinstance(groups, list):
-            raise BackendError(MISCONFIGURED, log_message="Groups API answered a non-list")
+            raise BackendError(external.MISCONFIGURED, log_message="Groups API answered a non-list")
         allowed = set(s.allowed_globus_groups)
         if not any(_active_member(g, identities) for g in groups
                    if isinstance(g, dict) and g.get("id") in allowed):

@@ -163,3 +163,14 @@ async def test_the_yaml_and_the_swagger_ui_serve_the_same_document(served_schema
     assert yaml.safe_load(r.text)["paths"].keys() == served_schema["paths"].keys()
     r = await client.get("/schema/swagger")
     assert r.status_code == 200 and "/workspaces/{workspace_id}/start/" in r.text
+
+
+def test_the_documented_statuses_are_the_codes() -> None:
+    """The document lists each status (literals, for clients); the code uses enums."""
+    from typing import get_args
+
+    from api import schemas
+    from core import status
+
+    assert get_args(schemas.JobStatus) == tuple(status.JobStatus)
+    assert get_args(schemas.WorkspaceStatus) == tuple(status.WorkspaceStatus)

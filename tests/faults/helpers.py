@@ -206,7 +206,7 @@ def distinct(statuses: list[str]) -> list[str]:
 
 
 async def temporal_client(stack: Stack) -> Client:
-    return await Client.connect(stack.temporal.address)
+    return await Client.connect(stack.temporal_address)
 
 
 async def wait_final(stack: Stack, job_ids: list[int], timeout: float = 120) -> None:

@@ -104,13 +104,13 @@ async def test_temporal_restart(stack: Stack, client_key: str) -> None:
         ws = await new_workspace(http)
         running = [await start_job(http, ws, 5) for _ in range(2)]
         await wait_status(stack, running, ("running",))
-        stack.temporal.proc.kill()
+        stack.temporal.kill()
         # A job started while Temporal is down: the API keeps trying for a while, then
         # either gets through (Temporal is back) or answers 503 and fails the job's row.
         attempt = asyncio.create_task(http.put(
             f"/workspaces/{ws}/start/", json={"job_details": {"duration_seconds": 1}}))
         await asyncio.sleep(2)
-        stack.temporal.start()
+        stack.start_temporal()
         restarted = time.monotonic()
         r = await attempt
     print(f"start while Temporal was down: {r.status_code} {r.text[:200]}")
@@ -134,7 +134,7 @@ async def test_stop_while_temporal_down(stack: Stack, client_key: str) -> None:
         ws = await new_workspace(http)
         job = await start_job(http, ws, 300)
         await wait_status(stack, [job], ("running",))
-        stack.temporal.proc.kill()
+        stack.temporal.kill()
         try:
             began = time.monotonic()
             down = await http.put(f"/jobs/{job}/stop/")
@@ -150,7 +150,7 @@ async def test_stop_while_temporal_down(stack: Stack, client_key: str) -> None:
             retry = asyncio.create_task(http.put(f"/jobs/{job}/stop/"))
             await asyncio.sleep(2)
         finally:
-            stack.temporal.start()
+            stack.start_temporal()
         r = await retry
         print(f"stop retried across the restart: {r.status_code} after "
               f"{time.monotonic() - began:.1f}s: {r.text[:200]}")

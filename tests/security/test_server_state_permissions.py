@@ -21,8 +21,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from app import devstack
-from app.devstack import PG_HBA, embedded_database_url
+from app.dev_database import PG_HBA, embedded_database_url
+from app.stack import free_port, temporal_dev_server
 from core.data_dir import prepare_data_dir
 from core.secret_key import load_secret_key
 from core.settings import Settings
@@ -261,16 +261,17 @@ def test_temporal_dev_server_files_are_private() -> None:
     data = _shared_tmp_dir()
     (data / "temporal.log").write_text("")
     (data / "temporal.log").chmod(0o644)  # as an earlier version left it
-    proc = devstack.start_temporal_dev_server(data, port=devstack._free_port(),
-                                             ui_port=devstack._free_port())
+    proc = temporal_dev_server(data, port=free_port(), ui_port=free_port())
+    proc.start()
     try:
+        proc.wait_for_port(int(proc.argv[proc.argv.index("--port") + 1]))
         assert _mode(data / "temporal.log") == 0o600
         created = [p for p in data.iterdir() if p.name.startswith("temporal.sqlite")]
         assert created
         for path in created:
             assert _mode(path) & 0o077 == 0, path
     finally:
-        devstack.stop_process(proc)
+        proc.stop()
         shutil.rmtree(data, ignore_errors=True)
 
 

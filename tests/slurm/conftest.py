@@ -14,9 +14,7 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ import httpx
 import pytest
 
 from app import slurm_dev
-from app.devstack import wait_for_port
+from app.stack import UWS, Child, UwsStack
 from controllers.resources.slurm.resource import PAUSE_AFTER_SUBMIT_ENV
 from core.settings import Settings
 from tests.conftest import TESTS, eventually, free_port
@@ -114,38 +112,11 @@ def slurm_env(temporal_env, settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_uws(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "app.cli", command], env=env,
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-
-
-def stop_uws(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class UwsStack:
-    """The package's ``uws api`` and ``uws worker`` processes; a test may kill the worker
-    and start another in its place (teardown stops whichever runs then)."""
-
-    def __init__(self, env: dict[str, str], root: Path) -> None:
-        self.env, self.root = env, root
-        self.url = f"http://127.0.0.1:{env['UWS_PORT']}"
-        self.worker = start_uws("worker", env, root / "worker.log")
-        self.api = start_uws("api", env, root / "api.log")
-
-    def replace_worker(self) -> None:
-        self.worker = start_uws("worker", self.env, self.root / "worker.log")
-
-    def stop(self) -> None:
-        stop_uws(self.api)
-        stop_uws(self.worker)
+def uws_worker(env: dict[str, str], log: Path) -> Child:
+    """A ``uws worker`` process of its own (started), with ``env``."""
+    worker = Child("worker", [*UWS, "worker"], log, env=env)
+    worker.start()
+    return worker
 
 
 @pytest.fixture(scope="package")
@@ -154,19 +125,18 @@ def slurm_stack(temporal_env, slurm_settings: Settings, slurm_root: Path,
     """``uws worker`` and ``uws api`` as processes of their own: an app in this process
     would rebind the database tables to its own engine (and close it when it stops)."""
     env = slurm_env(temporal_env, slurm_settings)
-    env.update(UWS_HOST="127.0.0.1", UWS_PORT=str(free_port()))
-    stack = UwsStack(env, slurm_root)
+    stack = UwsStack(env=env, database_url=env["UWS_DATABASE_URL"],
+                     data_dir=Path(env["UWS_DATA_DIR"]),
+                     temporal_address=env["UWS_TEMPORAL_ADDRESS"], logs=slurm_root)
     try:
-        wait_for_port("127.0.0.1", int(env["UWS_PORT"]), timeout=60, proc=stack.api,
-                      what="uws api")
-        yield stack
+        yield stack.start()
     finally:
-        stack.stop()
+        stack.close()
 
 
 @pytest.fixture(scope="package")
 def slurm_server_url(slurm_stack: UwsStack) -> str:
-    return slurm_stack.url
+    return slurm_stack.api_url()
 
 
 @pytest.fixture(scope="package")

@@ -31,7 +31,7 @@ def test_running_cluster_status_and_token(slurm_cluster) -> None:
     assert all(states.values()), states
     # Pids are checked against the binary: a pid file naming another process is "stopped".
     fake = slurm_dev.DevCluster(state_dir=slurm_cluster.state_dir / "fake")
-    fake.run_dir.mkdir(parents=True)
+    fake.under("run").mkdir(parents=True)
     fake.pid_file("slurmd").write_text(f"{states['slurmctld']}\n")
     assert slurm_dev.daemon_pid(fake, "slurmd") is None
     assert slurm_dev.rest_ping_ok(slurm_cluster)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
-import signal
 import socket
 import stat
 import subprocess
@@ -19,12 +18,12 @@ import httpx
 import pytest
 
 from app import slurm_dev
+from app.stack import UwsStack
 from tests.conftest import eventually
 from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, print_6_times_7
 from tests.slurm.conftest import (
     IDLE_JOB_TYPE,
     SlurmUser,
-    UwsStack,
     job_of,
     make_slurm_user,
     record_history,
@@ -264,8 +263,7 @@ async def test_worker_killed_while_session_runs(slurm_client, slurm_user, slurm_
     job = await start_job(slurm_client, slurm_user, "jupyter_lab")
     job = await ready_session(slurm_client, slurm_user, job["id"])
     base, token = passthrough_base(job), session_token(job)
-    slurm_stack.worker.send_signal(signal.SIGKILL)
-    slurm_stack.worker.wait()
+    slurm_stack.workers[0].kill()
     try:
         # Nothing of the session depended on the worker: still running, still reachable.
         await asyncio.sleep(3)
@@ -275,7 +273,7 @@ async def test_worker_killed_while_session_runs(slurm_client, slurm_user, slurm_
         assert (await slurm_job(slurm_rest, job["id"]))["job_state"] == "RUNNING"
         assert (await job_of(slurm_client, slurm_user, job["id"]))["status"] == "running"
     finally:
-        slurm_stack.replace_worker()
+        slurm_stack.start_worker()
     # The new worker carries the session on: a stop reaches Slurm.
     done = await stop_and_wait(slurm_client, slurm_user, job["id"])
     assert done["status"] == "complete", done

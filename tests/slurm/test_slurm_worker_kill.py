@@ -6,29 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 from temporalio.api.enums.v1 import EventType
 
+from app.stack import Child
 from controllers.resources.slurm.resource import PAUSE_AFTER_SUBMIT_ENV
 from db.tables import Job, Workspace
 from tests.conftest import eventually
-from tests.slurm.conftest import slurm_env, slurm_jobs_named, start_uws
+from tests.slurm.conftest import slurm_env, slurm_jobs_named, uws_worker
 from workflows.job import JobWorkflow
 from workflows.models import JobContinuation, JobInput, JobRunState
 
 
 def _worker(temporal_env, settings, queue: str, log: Path,
-            pause: float | None) -> subprocess.Popen:
+            pause: float | None) -> Child:
     env = {**slurm_env(temporal_env, settings), "UWS_TASK_QUEUE": queue}
     if pause is not None:
         # Holds the launch activity after slurmrestd accepted the job, before it returns.
         env[PAUSE_AFTER_SUBMIT_ENV] = str(pause)
-    return start_uws("worker", env, log)
+    return uws_worker(env, log)
 
 
 @pytest.mark.slow
@@ -55,13 +54,11 @@ async def test_sigkill_worker_mid_submit(temporal_env, slurm_settings, slurm_cli
             id=f"job-{job_id}", task_queue=queue)
         name = f"uws-{job_id}"
         await eventually(lambda: slurm_jobs_named(slurm_rest, name), timeout=90, interval=0.2)
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
+        worker.kill()
         worker = _worker(temporal_env, slurm_settings, queue, log, pause=None)
         result = await asyncio.wait_for(handle.result(), timeout=120)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=30)
+        worker.stop(timeout=30)
     assert result == "complete", log.read_text()[-3000:]
     submitted = await slurm_jobs_named(slurm_rest, name)
     assert len(submitted) == 1, submitted

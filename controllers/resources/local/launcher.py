@@ -98,7 +98,7 @@ class Launcher:
             if line != b"ready\n":
                 proc.kill()
                 proc.wait()
-                raise LauncherError(f"the launcher did not start: {_tail(self.root / LOG_NAME)}")
+                raise LauncherError(f"the launcher did not start: {log_tail(self.root / LOG_NAME)}")
             self._proc = proc
 
     def _listening(self, name: str | None = None) -> bool:
@@ -143,7 +143,8 @@ def launcher_for(root: Path) -> Launcher:
         return launcher
 
 
-def _tail(path: Path) -> str:
+def log_tail(path: Path) -> str:
+    """The end of a log of ours (a launcher's, a supervisor's), for an error message."""
     try:
         return path.read_text(errors="replace")[-2000:]
     except FileNotFoundError:

@@ -36,7 +36,6 @@ from typing import Any
 
 from controllers.base import (
     ComputeResource,
-    ExternalAccount,
     Health,
     JobState,
     LaunchRequest,
@@ -49,10 +48,12 @@ from controllers.resources.local.launcher import (
     SUPERVISOR,
     LauncherError,
     launcher_for,
+    log_tail,
 )
 from controllers.resources.local.procfs import is_alive, kill_group_if_ours, kill_if_ours
 from controllers.resources.session_dir import SESSION_SOCKET, SESSION_TOKEN, make_session_dir
 from core.status import ResourceStatus
+from core.values import ExternalAccount
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class LocalResource(ComputeResource):
             raise BackendError(
                 "The job could not be started.",
                 log_message=f"job {request.job_id}: no {STARTED} in {state} after "
-                f"{START_TIMEOUT_S}s; supervisor output: {_tail(state / SUPERVISOR_LOG)!r}",
+                f"{START_TIMEOUT_S}s; supervisor output: {log_tail(state / SUPERVISOR_LOG)!r}",
             )
         return self._handle(request, state, started, cpus)
 
@@ -262,7 +263,7 @@ class LocalResource(ComputeResource):
         if answer not in ("started", "another"):  # another: that job's supervisor runs
             raise BackendError("The job could not be started.",
                                log_message=f"job {job_id}: the supervisor ended without "
-                               f"starting it: {_tail(state / SUPERVISOR_LOG)!r}")
+                               f"starting it: {log_tail(state / SUPERVISOR_LOG)!r}")
 
     @staticmethod
     def _wait_started(state: Path) -> dict[str, Any] | None:
@@ -390,13 +391,6 @@ def _supervisor_running(state: Path) -> bool:
     finally:
         os.close(fd)
     return False
-
-
-def _tail(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")[-2000:]
-    except FileNotFoundError:
-        return ""
 
 
 def _network_namespace_problem() -> str:

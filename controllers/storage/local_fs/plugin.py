@@ -200,23 +200,13 @@ class LocalFileSystemStorage(StorageMethod):
             if state == "missing":
                 raise BackendError(f"Symlink path not found: {link.source_path}")
 
-    async def write_files(
-        self,
-        path: str,
-        account: ExternalAccount,
-        files: list[FileSpec],
-        symlinks: list[SymlinkSpec],
-    ) -> None:
+    async def write_files(self, path: str, account: ExternalAccount, files: list[FileSpec],
+                          symlinks: list[SymlinkSpec]) -> None:
         await self.validate_files(files, symlinks)
         await asyncio.to_thread(self._write_files, path, account, files, symlinks)
 
-    def _write_files(
-        self,
-        path: str,
-        account: ExternalAccount,
-        files: list[FileSpec],
-        symlinks: list[SymlinkSpec],
-    ) -> None:
+    def _write_files(self, path: str, account: ExternalAccount, files: list[FileSpec],
+                     symlinks: list[SymlinkSpec]) -> None:
         # Sources are checked before anything is written, so a bad one leaves no half-write.
         self._check_sources(account, symlinks)
         owner = self._owner(account)
@@ -282,13 +272,8 @@ class LocalFileSystemStorage(StorageMethod):
 
     # --- uploads ----------------------------------------------------------------------------
 
-    async def stage_upload(
-        self,
-        path: str,
-        account: ExternalAccount,
-        filename: str,
-        chunks: AsyncIterator[bytes],
-    ) -> StagedUpload:
+    async def stage_upload(self, path: str, account: ExternalAccount, filename: str,
+                           chunks: AsyncIterator[bytes]) -> StagedUpload:
         return await uploads.stage_upload(
             path,
             filename,

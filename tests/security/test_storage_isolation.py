@@ -19,14 +19,9 @@ import pytest
 from controllers.base import ExternalAccount, FileSpec, SymlinkSpec
 from controllers.errors import BackendError, InvalidRequest
 from controllers.storage.local_fs import LocalFileSystemStorage
+from tests.local_fs.helpers import make_storage
 
 IS_ROOT = os.geteuid() == 0
-
-
-def make_storage(root: Path, **settings: object) -> LocalFileSystemStorage:
-    return LocalFileSystemStorage(
-        "local", LocalFileSystemStorage.Settings(root_dir=str(root), **settings)
-    )
 
 
 @pytest.fixture

@@ -163,7 +163,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     from core.data_dir import prepare_data_dir
 
     controllers = load_controllers(settings)  # a config error stops us before anything starts
-    if not settings.temporal_address and devstack_needs_address(settings):
+    if not settings.temporal_address and _tls_needs_an_address(settings):
         raise SettingsError("UWS_TEMPORAL_ADDRESS", "the TLS settings are for a server of "
                             "yours: name it (the dev server `uws dev` starts is plaintext)")
     _start_slurm_if_main(controllers)
@@ -195,7 +195,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def devstack_needs_address(settings: Settings) -> bool:
+def _tls_needs_an_address(settings: Settings) -> bool:
     from core.temporal import load_credentials
 
     return load_credentials(settings).tls is not None

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,8 +118,7 @@ class Child:
     def wait_for_log(self, text: str, timeout: float = 60) -> None:
         self._wait(lambda: text in self.current_run_log(), f"log {text!r}", timeout)
 
-    def _wait(self, ready: object, what: str, timeout: float) -> None:
-        assert callable(ready)
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready():

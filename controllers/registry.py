@@ -11,8 +11,9 @@ auth method, a resource its storage and auth method.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,16 +26,30 @@ from core.config import AppConfig, ConfigError
 
 ENTRY_POINT_GROUP = "uws.controllers"
 P = TypeVar("P", bound=Plugin)
+log = logging.getLogger(__name__)
 
 
 def plugin_classes(base: type[P]) -> dict[str, type[P]]:
-    """Every plugin of ``base``'s kind that is registered, by name (loaded now)."""
+    """Every plugin of ``base``'s kind that is registered and loads, by name (loaded now).
+    One that fails to import is left out (and logged): it breaks only a config naming it."""
     found: dict[str, type[P]] = {}
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        cls = entry.load()
+        try:
+            cls = entry.load()
+        except Exception as exc:  # a site's package, broken: not ours to crash on here
+            log.warning("plugin %s (%s) does not load: %s", entry.name, entry.value, exc)
+            continue
         if isinstance(cls, type) and issubclass(cls, base):
             found[entry.name] = cls
     return found
+
+
+def _load(entry: EntryPoint, file: str, key: str) -> Any:
+    try:
+        return entry.load()
+    except Exception as exc:
+        raise ConfigError(file, key, f"plugin {entry.name!r} ({entry.value}) does not load: "
+                          f"{type(exc).__name__}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,7 @@ class Controllers:
 def _lookup(base: type[P], name: str, file: str, key: str) -> type[P]:
     """The plugin ``name`` of ``base``'s kind, loading only its own entry point."""
     for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        cls = entry.load()
+        cls = _load(entry, file, key)
         if isinstance(cls, type) and issubclass(cls, base):
             return cls
         raise ConfigError(file, key, f"plugin {name!r} is not a {base.kind} plugin "

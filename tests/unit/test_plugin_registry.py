@@ -32,7 +32,8 @@ class NotAPlugin:
 
 @pytest.fixture
 def site_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """``site_plugins`` installed: its module and a dist-info naming two entry points."""
+    """``site_plugins`` installed: its module and a dist-info naming three entry points
+    (one of them in a module that does not exist)."""
     packages = tmp_path / "site-packages"
     (packages / "site_plugins").mkdir(parents=True)
     (packages / "site_plugins" / "__init__.py").write_text(SITE_PLUGIN)
@@ -41,7 +42,8 @@ def site_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: site-plugins\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(
         "[uws.controllers]\nSiteResource = site_plugins:SiteResource\n"
-        "NotAPlugin = site_plugins:NotAPlugin\n")
+        "NotAPlugin = site_plugins:NotAPlugin\n"
+        "Broken = site_plugins.missing:Broken\n")
     monkeypatch.syspath_prepend(str(packages))
     return packages
 
@@ -88,3 +90,14 @@ def test_an_unknown_name_lists_what_is_there(tmp_path: Path) -> None:
         build_controllers(load_config(path), file=str(path), data_dir=tmp_path)
     assert "unknown plugin 'NoSuchResource'" in info.value.reason
     assert "LocalResource, SlurmResource" in info.value.reason
+
+
+def test_a_plugin_that_does_not_load_fails_only_a_config_naming_it(site_package: Path,
+                                                                  tmp_path: Path) -> None:
+    assert "LocalResource" in plugin_classes(ComputeResource)  # the rest still listed
+    path = _config_with_resource(tmp_path, "Broken")
+    with pytest.raises(ConfigError) as info:
+        build_controllers(load_config(path), file=str(path), data_dir=tmp_path)
+    assert info.value.key_path == "available_resources.local_resource.resource_type"
+    assert "'Broken' (site_plugins.missing:Broken) does not load" in info.value.reason
+    assert "ModuleNotFoundError" in info.value.reason
